@@ -1,0 +1,49 @@
+# One entry point for newcomers and CI. Each target sets up what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint format bench system-deps
+
+# `make run`: the gateway under gunicorn, exactly as in production (see README).
+run: $(VENV)/.runtime
+	$(BIN)/gunicorn -c gunicorn.conf.py app:app
+
+# `make test`: lint, then the whole suite (unit, end-to-end, deployment checks).
+test: $(VENV)/.dev system-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# `make bench`: the performance comparison in bench/ (needs wrk and taskset).
+bench: $(VENV)/.dev
+	@command -v wrk >/dev/null || $(call apt_install,wrk)
+	$(BIN)/python -m bench.run
+
+# The end-to-end tier starts a real redis-server; install it when missing.
+system-deps:
+	@command -v redis-server >/dev/null || $(call apt_install,redis-server)
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+define apt_install
+{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(1) >/dev/null; }
+endef

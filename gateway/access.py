@@ -1,0 +1,97 @@
+"""Request ids, the access log line and request metrics: the start and end of every request."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from functools import partial
+
+from flask import Flask, Response, current_app, g, request
+from loguru import logger
+
+from gateway.logs import request_id_var
+from gateway.metrics import GatewayMetrics
+from gateway.record import RequestRecord
+
+# A client's own request id is kept if it is short and plain enough to log and forward.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def start_request() -> None:
+    """before_request, registered first: every later step and log line has the request id."""
+    offered = request.headers.get("X-Request-ID", "")
+    request_id = offered if _SANE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+    request_id_var.set(request_id)
+    rule = request.url_rule
+    g.record = RequestRecord(
+        request_id=request_id,
+        method=request.method,
+        path=request.path,
+        route=rule.rule if rule is not None else "unmatched",
+    )
+
+
+def finish_response(response: Response) -> Response:
+    """after_request: stamp the response; log and count once its last byte has been sent."""
+    record: RequestRecord | None = g.get("record")
+    if record is None:  # a failure before start_request; nothing to attach to
+        return response
+    response.headers["X-Request-ID"] = record.request_id
+    record.status = response.status_code
+    caller = g.get("caller")
+    record.key_id = caller.key_id if caller is not None else None
+    metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
+    if response.is_streamed:
+        metrics.streams_in_flight.inc()
+    response.call_on_close(partial(_complete, record, metrics, response.is_streamed))
+    return response
+
+
+def _complete(record: RequestRecord, metrics: GatewayMetrics, streamed: bool) -> None:
+    duration = record.elapsed()
+    metrics.requests.labels(record.route, record.method, str(record.status)).inc()
+    metrics.latency.labels(record.route).observe(duration)
+    if streamed:
+        metrics.streams_in_flight.dec()
+    if record.ttfb is not None:
+        metrics.stream_ttfb.observe(record.ttfb)
+    if record.upstream_error:
+        metrics.upstream_errors.labels(record.upstream_error).inc()
+    if record.usage:
+        for kind in ("prompt_tokens", "completion_tokens"):
+            if kind in record.usage:
+                metrics.tokens.labels(kind.removesuffix("_tokens")).inc(record.usage[kind])
+    _log_access(record, duration)
+    request_id_var.set(None)
+
+
+def _log_access(record: RequestRecord, duration: float) -> None:
+    fields: dict[str, object] = {
+        "request_id": record.request_id,
+        "method": record.method,
+        "path": record.path,
+        "status": record.status,
+        "duration_ms": round(duration * 1000, 2),
+        "key_id": record.key_id,
+        "model": record.model,
+        "stream": record.stream,
+        "upstream_status": record.upstream_status,
+    }
+    if record.ttfb is not None:
+        fields["ttfb_ms"] = round(record.ttfb * 1000, 2)
+    if record.upstream_request_id:
+        fields["upstream_request_id"] = record.upstream_request_id
+    if record.upstream_error:
+        fields["upstream_error"] = record.upstream_error
+    if record.client_disconnected:
+        fields["client_disconnected"] = True
+    if record.usage:
+        fields["usage"] = record.usage
+    logger.bind(event="access", **fields).info(
+        "{} {} {}", record.method, record.path, record.status
+    )
+
+
+def init_access(app: Flask) -> None:
+    app.before_request(start_request)
+    app.after_request(finish_response)

@@ -1,0 +1,61 @@
+"""POST /v1/chat/completions, /v1/completions and /v1/embeddings: checked, then relayed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, g, request
+
+from gateway.errors import GatewayError
+from gateway.upstream import upstream_for
+
+bp = Blueprint("chat", __name__)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    return _relay("/chat/completions")
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    return _relay("/completions")
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    return _relay("/embeddings")
+
+
+def _relay(path: str) -> Response:
+    body = request.get_data(cache=False)
+    payload = parse_payload(body)
+    record = g.record
+    record.model = payload["model"]
+    record.stream = payload.get("stream") is True
+    # The body goes upstream as the client sent it: parsed once to read, never re-serialised.
+    return upstream_for(record.model).relay("POST", path, record, request.headers, body)
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request. Send a JSON object with "
+            "'Content-Type: application/json'.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(payload, dict):
+        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_body")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise GatewayError(
+            400,
+            "You must provide a model parameter (a string).",
+            param="model",
+            code="missing_model" if model is None else "invalid_model",
+        )
+    return payload

@@ -1,0 +1,202 @@
+"""Settings: read from the environment once, validated, then frozen.
+
+`load_settings` is the only place in the project that reads `os.environ` (and `.env`).
+Everything else receives a `Settings` object; tests build one directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+import requests.utils
+from dotenv import dotenv_values
+
+SERVICE_NAME = "ai-gateway"
+VERSION = "0.1.0"
+
+DEFAULT_TARGET_API_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+RATE_LIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
+
+
+class ConfigError(SystemExit):
+    """A missing or malformed setting.
+
+    A `SystemExit` on purpose: raised anywhere during start-up (gunicorn.conf.py, app.py),
+    Python prints the one-line message to stderr and exits with status 1, no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"configuration error: {message}")
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Settings:
+    target_api_key: str = field(repr=False)
+    gateway_api_keys: tuple[str, ...] = field(repr=False)
+    target_api_url: str = DEFAULT_TARGET_API_URL
+    port: int = 8080
+    rate_limit_per_minute: int = 60
+    # repr=False: a redis:// URI may carry a password.
+    rate_limit_storage_uri: str = field(default="memory://", repr=False)
+    rate_limit_strategy: str = "moving-window"
+    log_level: str = "INFO"
+    log_format: str = "json"
+    health_check_enabled: bool = True
+    cors_allowed_origins: tuple[str, ...] = ("*",)
+    upstream_connect_timeout: float = 10.0
+    # Longest silence between two upstream bytes: reasoning models can think for minutes.
+    upstream_read_timeout: float = 600.0
+    max_request_body_bytes: int = 10 * 1024 * 1024
+    gunicorn_workers: int = 1
+    gunicorn_threads: int = 256
+    # Proxies for the upstream URL, resolved once from HTTPS_PROXY/NO_PROXY at start-up.
+    upstream_proxies: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    upstream_ca_bundle: str | None = None
+    prometheus_multiproc_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every value that must never appear in a log line or an error message."""
+        found = [self.target_api_key, *self.gateway_api_keys]
+        password = urlsplit(self.rate_limit_storage_uri).password
+        if password:
+            found.append(password)
+        return tuple(s for s in found if s)
+
+
+def _validate(s: Settings) -> None:
+    if not s.target_api_key:
+        raise ConfigError("TARGET_API_KEY is required (the key sent to the upstream provider)")
+    if not s.gateway_api_keys or not all(s.gateway_api_keys):
+        raise ConfigError("GATEWAY_API_KEYS is required: comma-separated keys clients may use")
+    url = urlsplit(s.target_api_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("TARGET_API_URL must be an http:// or https:// URL with a host")
+    _require(1 <= s.port <= 65535, "PORT must be between 1 and 65535")
+    _require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_REQUESTS_PER_MINUTE must be >= 0")
+    _require(
+        s.rate_limit_strategy in RATE_LIMIT_STRATEGIES,
+        f"RATE_LIMIT_STRATEGY must be one of {', '.join(RATE_LIMIT_STRATEGIES)}",
+    )
+    storage = urlsplit(s.rate_limit_storage_uri).scheme
+    _require(
+        storage in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster"),
+        "RATE_LIMIT_STORAGE_URI must be memory:// or a redis:// URI",
+    )
+    _require(s.log_level in LOG_LEVELS, f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    _require(s.log_format in LOG_FORMATS, "LOG_FORMAT must be json or text")
+    _require(s.upstream_connect_timeout > 0, "UPSTREAM_CONNECT_TIMEOUT must be > 0")
+    _require(s.upstream_read_timeout > 0, "UPSTREAM_READ_TIMEOUT must be > 0")
+    _require(s.max_request_body_bytes > 0, "MAX_REQUEST_BODY_BYTES must be > 0")
+    _require(s.gunicorn_workers >= 1, "GUNICORN_WORKERS must be >= 1")
+    _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
+    # memory:// counters live inside one process: a second worker would double the limit.
+    _require(
+        storage != "memory" or s.gunicorn_workers == 1 or s.rate_limit_per_minute == 0,
+        "GUNICORN_WORKERS > 1 needs RATE_LIMIT_STORAGE_URI=redis://...: with memory:// "
+        "each worker keeps its own counters and the limit would not hold",
+    )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from the environment, with `.env` (or `$ENV_FILE`) filling gaps."""
+    env = dict(os.environ if environ is None else environ)
+    env_file = env.get("ENV_FILE", ".env")
+    if env_file and os.path.isfile(env_file):
+        file_values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        env = {**file_values, **env}
+    reader = _Reader(env)
+    target_api_url = reader.text("TARGET_API_URL", DEFAULT_TARGET_API_URL).rstrip("/")
+    workers = reader.integer("GUNICORN_WORKERS", reader.integer("WEB_CONCURRENCY", 1))
+    return Settings(
+        target_api_key=reader.text("TARGET_API_KEY", ""),
+        gateway_api_keys=reader.csv("GATEWAY_API_KEYS", ()),
+        target_api_url=target_api_url,
+        port=reader.integer("PORT", 8080),
+        rate_limit_per_minute=reader.integer("RATE_LIMIT_REQUESTS_PER_MINUTE", 60),
+        rate_limit_storage_uri=reader.text("RATE_LIMIT_STORAGE_URI", "memory://"),
+        rate_limit_strategy=reader.text("RATE_LIMIT_STRATEGY", "moving-window").lower(),
+        log_level=reader.text("LOG_LEVEL", "INFO").upper(),
+        log_format=reader.text("LOG_FORMAT", "json").lower(),
+        health_check_enabled=reader.boolean("HEALTH_CHECK_ENABLED", True),
+        cors_allowed_origins=reader.csv("CORS_ALLOWED_ORIGINS", ("*",)),
+        upstream_connect_timeout=reader.number("UPSTREAM_CONNECT_TIMEOUT", 10.0),
+        upstream_read_timeout=reader.number("UPSTREAM_READ_TIMEOUT", 600.0),
+        max_request_body_bytes=reader.integer("MAX_REQUEST_BODY_BYTES", 10 * 1024 * 1024),
+        gunicorn_workers=workers,
+        gunicorn_threads=reader.integer("GUNICORN_THREADS", 256),
+        upstream_proxies=MappingProxyType(_proxies_for(target_api_url, env)),
+        upstream_ca_bundle=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
+        prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
+    )
+
+
+def _proxies_for(url: str, env: Mapping[str, str]) -> dict[str, str]:
+    """Resolve HTTP(S)_PROXY / NO_PROXY for the upstream once, so requests need not per call."""
+    scheme = urlsplit(url).scheme
+    proxy = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+    proxy = proxy or env.get("all_proxy") or env.get("ALL_PROXY")
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY")
+    if not proxy or requests.utils.should_bypass_proxies(url, no_proxy=no_proxy):
+        return {}
+    return {scheme: proxy}
+
+
+class _Reader:
+    """Typed access to environment values, failing with the variable's name."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip()
+        return value or default
+
+    def csv(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+    def number(self, name: str, default: float) -> float:
+        value = self.env.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.env.get(name, "").strip().lower()
+        if not value:
+            return default
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")

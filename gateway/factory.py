@@ -1,0 +1,63 @@
+"""`create_app`: builds settings, logging, extensions, the upstream client, error handlers
+and blueprints. The only module that imports the blueprints."""
+
+from __future__ import annotations
+
+import threading
+
+from flask import Blueprint, Flask
+from flask_cors import CORS
+
+from gateway import chat, health, metrics, models
+from gateway.access import init_access
+from gateway.auth import PROTECTED_BLUEPRINT, KeyRing, require_api_key
+from gateway.config import Settings, load_settings
+from gateway.errors import register_error_handlers
+from gateway.limits import init_rate_limits
+from gateway.logs import configure_logging
+from gateway.metrics import GatewayMetrics
+from gateway.upstream import UpstreamClient
+
+# Headers a browser client may read from our responses.
+_EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "Retry-After",
+]
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    configure_logging(settings)
+    app = Flask("gateway", static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body_bytes
+    app.extensions["gateway.settings"] = settings
+    app.extensions["gateway.keys"] = KeyRing(settings.gateway_api_keys)
+    app.extensions["gateway.upstream"] = UpstreamClient(settings)
+    app.extensions["gateway.metrics"] = GatewayMetrics(settings)
+    # Set on SIGTERM (see gunicorn.conf.py): /ready answers 503 while streams drain.
+    app.extensions["gateway.draining"] = threading.Event()
+    register_error_handlers(app)
+    # Order matters: request id first, then the key check, then the limiter (after init).
+    init_access(app)
+    app.before_request(require_api_key)
+    init_rate_limits(app, settings)
+    CORS(
+        app,
+        origins=list(settings.cors_allowed_origins),
+        expose_headers=_EXPOSED_HEADERS,
+    )
+    _register_blueprints(app, settings)
+    return app
+
+
+def _register_blueprints(app: Flask, settings: Settings) -> None:
+    if settings.health_check_enabled:
+        app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+    v1 = Blueprint(PROTECTED_BLUEPRINT, __name__, url_prefix="/v1")
+    v1.register_blueprint(models.bp)
+    v1.register_blueprint(chat.bp)
+    app.register_blueprint(v1)

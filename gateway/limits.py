@@ -1,0 +1,78 @@
+"""Rate limits per gateway key (flask-limiter), with OpenAI's x-ratelimit-* headers.
+
+The limit is one shared application limit keyed by the caller's key id, so every route
+counts against the same budget. It is exact for the deployment as long as all processes
+share one storage: memory:// inside one worker process, redis:// across workers and pods.
+The default strategy is moving-window, whose check-and-take is atomic in both storages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Flask, Response, g
+from flask_limiter import Limiter
+
+from gateway.config import Settings
+
+
+def _caller_key() -> str:
+    return g.caller.key_id
+
+
+def _is_anonymous() -> bool:
+    # Public routes (health, metrics, unknown paths, CORS preflight) have no caller and no limit.
+    return getattr(g, "caller", None) is None
+
+
+def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
+    """Attach a limiter to `app`. Call after the key check is registered: auth runs first."""
+    limit = f"{settings.rate_limit_per_minute} per 1 minute"
+    limiter = Limiter(
+        key_func=_caller_key,
+        application_limits=[limit],
+        application_limits_exempt_when=_is_anonymous,
+        storage_uri=settings.rate_limit_storage_uri,
+        strategy=settings.rate_limit_strategy,
+        key_prefix="ai-gateway",
+        headers_enabled=False,
+        # Fail open: a storage outage costs the limit, not the service; /ready reports it.
+        swallow_errors=True,
+        enabled=settings.rate_limit_per_minute > 0,
+    )
+    limiter.init_app(app)
+    app.extensions["gateway.limiter"] = limiter
+    app.after_request(lambda response: _add_headers(limiter, response))
+    return limiter
+
+
+def _add_headers(limiter: Limiter, response: Response) -> Response:
+    current = limiter.current_limit if limiter.enabled else None
+    if current is None:
+        return response
+    reset_in = max(0.0, current.reset_at - time.time())
+    headers = response.headers
+    headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
+    headers["x-ratelimit-remaining-requests"] = str(current.remaining)
+    headers["x-ratelimit-reset-requests"] = openai_duration(reset_in)
+    if response.status_code == 429:
+        headers["Retry-After"] = str(max(1, math.ceil(reset_in)))
+    return response
+
+
+def openai_duration(seconds: float) -> str:
+    """Format like OpenAI's reset headers: '20ms', '1s', '6m0s'."""
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def storage_reachable(limiter: Limiter) -> bool:
+    if not limiter.enabled:
+        return True
+    try:
+        return bool(limiter.storage.check())
+    except Exception:  # noqa: BLE001 - any storage failure means "not ready"
+        return False

@@ -1,0 +1,51 @@
+"""The facts of one request, filled in as it goes and logged once at the end.
+
+A plain object rather than `flask.g`: a streamed body is sent after the request context is
+gone, and the stream still has to record its first byte, its usage and its errors.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+_TOKEN_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    key_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    upstream_status: int | None = None
+    upstream_request_id: str | None = None
+    ttfb: float | None = None
+    usage: dict[str, int] | None = None
+    upstream_error: str | None = None
+    client_disconnected: bool = False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def note_usage(self, body: bytes) -> None:
+        """Keep token counts if `body` (a JSON answer or an SSE chunk) reports them."""
+        usage = usage_in(body)
+        if usage:
+            self.usage = usage
+
+
+def usage_in(body: bytes) -> dict[str, int] | None:
+    # A regex over the bytes after the last "usage" key, not a full JSON parse: a large
+    # embeddings answer is relayed untouched and should not be decoded just to be logged.
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    found = {name.decode(): int(value) for name, value in _TOKEN_FIELDS.findall(body, at, at + 600)}
+    return found or None

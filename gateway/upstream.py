@@ -1,0 +1,241 @@
+"""The upstream client: every byte to and from the provider passes through here.
+
+One `UpstreamClient` per app holds one pooled `requests` HTTPAdapter (thread-safe, never
+mutated after start-up). Requests go straight to the adapter rather than through a Session:
+a shared Session would keep the provider's cookies and hand them to every caller, and its
+per-call merging of environment settings is work done once here instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import orjson
+import requests
+import urllib3
+from flask import Response, current_app
+from loguru import logger
+from requests.adapters import HTTPAdapter
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, error_body
+from gateway.record import RequestRecord
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never sent upstream: the caller's gateway credentials (in any header they might use),
+# framing the adapter sets itself, and client identity the provider has no need for.
+_DROP_FROM_CLIENT = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "cookie",
+    "content-length",
+    "accept-encoding",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "forwarded",
+    "origin",
+    "referer",
+}
+# Never relayed to the client: framing that no longer matches (requests decoded the body),
+# the provider's cookies, and headers the gateway sets itself (request id, CORS, limits).
+_DROP_FROM_UPSTREAM = HOP_BY_HOP | {
+    "content-length",
+    "content-encoding",
+    "set-cookie",
+    "server",
+    "date",
+    "x-request-id",
+    "retry-after",
+}
+_DROP_PREFIXES = ("access-control-", "x-ratelimit-")
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_UPSTREAM_ID_HEADERS = (
+    "x-request-id",
+    "x-dashscope-request-id",
+    "request-id",
+    "x-amzn-requestid",
+)
+
+
+class UpstreamClient:
+    """Relays requests to one OpenAI-compatible base URL."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.target_api_url
+        self.timeout = (
+            settings.upstream_connect_timeout,
+            settings.upstream_read_timeout,
+        )
+        self.proxies = dict(settings.upstream_proxies)
+        self.verify: bool | str = settings.upstream_ca_bundle or True
+        self._authorization = f"Bearer {settings.target_api_key}"
+        # Pool as large as the thread count: each thread can hold one upstream connection;
+        # max_retries=0 because a POST to a model must never be silently sent twice.
+        self.adapter = HTTPAdapter(
+            pool_connections=4,
+            pool_maxsize=settings.gunicorn_threads,
+            max_retries=0,
+            pool_block=False,
+        )
+
+    def close(self) -> None:
+        self.adapter.close()
+
+    def relay(
+        self,
+        method: str,
+        path: str,
+        record: RequestRecord,
+        client_headers: Mapping[str, str],
+        body: bytes | None = None,
+    ) -> Response:
+        """Send one request upstream and turn its answer into the client's response."""
+        prepared = requests.PreparedRequest()
+        prepared.prepare(
+            method=method,
+            url=self.base_url + path,
+            headers=self._headers_for(client_headers, record),
+            data=body,
+        )
+        try:
+            upstream = self.adapter.send(
+                prepared,
+                stream=True,
+                timeout=self.timeout,
+                verify=self.verify,
+                proxies=self.proxies,
+            )
+        except requests.RequestException as exc:
+            raise self._translate(exc, record) from None
+        record.upstream_status = upstream.status_code
+        record.upstream_request_id = _upstream_request_id(upstream.headers)
+        headers = relayable_headers(upstream.headers)
+        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            headers.update(_STREAM_HEADERS)
+            stream = self._relay_stream(upstream, record)
+            return Response(stream, status=upstream.status_code, headers=headers)
+        with upstream:
+            try:
+                content = upstream.content
+            except requests.RequestException as exc:
+                raise self._translate(exc, record) from None
+        if upstream.ok:
+            record.note_usage(content)
+        return Response(content, status=upstream.status_code, headers=headers)
+
+    def _headers_for(self, client_headers: Mapping[str, str], record: RequestRecord) -> dict:
+        headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_FROM_CLIENT}
+        headers["Authorization"] = self._authorization
+        headers["X-Request-ID"] = record.request_id
+        # Compressed JSON saves bandwidth to a remote provider; an SSE stream is sent plain so
+        # that no decompressor sits between the provider's chunks and the client's.
+        headers["Accept-Encoding"] = "identity" if record.stream else "gzip, deflate"
+        return headers
+
+    def _relay_stream(self, upstream: requests.Response, record: RequestRecord) -> Iterator[bytes]:
+        try:
+            with upstream:
+                for chunk in _chunks_as_they_arrive(upstream):
+                    if record.ttfb is None:
+                        record.ttfb = record.elapsed()
+                    if b'"usage"' in chunk:
+                        record.note_usage(chunk)
+                    yield chunk
+        except GeneratorExit:
+            # The client went away: leaving the `with` closed the upstream connection, so
+            # the provider stops generating (and billing) now.
+            record.client_disconnected = True
+            raise
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            error = self._translate(exc, record, mid_stream=True)
+            yield (b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n")
+
+    def _translate(
+        self, exc: Exception, record: RequestRecord, mid_stream: bool = False
+    ) -> GatewayError:
+        """requests' exceptions become the gateway's 502/504, in this one place."""
+        timed_out = isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc)
+        if timed_out:
+            record.upstream_error = "timeout"
+            seconds = (
+                self.timeout[0] if isinstance(exc, requests.ConnectTimeout) else self.timeout[1]
+            )
+            error = GatewayError(504, f"The upstream did not answer within {seconds:g} s.")
+        elif mid_stream:
+            record.upstream_error = "stream_broken"
+            error = GatewayError(502, "The upstream closed the stream before it was complete.")
+        elif isinstance(exc, requests.ConnectionError):
+            record.upstream_error = "connect"
+            error = GatewayError(502, "The upstream could not be reached or closed the connection.")
+        else:
+            record.upstream_error = "protocol"
+            error = GatewayError(502, "The upstream sent an invalid response.")
+        logger.bind(upstream_error=record.upstream_error).warning(
+            "upstream failure: {}: {}", type(exc).__name__, exc
+        )
+        return error
+
+
+def _chunks_as_they_arrive(upstream: requests.Response) -> Iterator[bytes]:
+    """Yield the body as the provider sends it, never waiting to fill a buffer.
+
+    For chunked transfer (what providers use for SSE) that is `iter_content(None)`, one HTTP
+    chunk at a time. A stream framed by Content-Length or by closing the connection would
+    make `iter_content` wait for a full buffer, so it is read with `read1` instead.
+    """
+    raw: Any = upstream.raw
+    if raw.chunked:
+        yield from upstream.iter_content(chunk_size=None)
+        return
+    while True:
+        chunk = raw.read1(65536, decode_content=True)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _caused_by_read_timeout(exc: Exception) -> bool:
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return True
+    reason = exc.args[0] if exc.args else None
+    return isinstance(reason, urllib3.exceptions.ReadTimeoutError)
+
+
+def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        k: v
+        for k, v in headers.items()
+        if k.lower() not in _DROP_FROM_UPSTREAM and not k.lower().startswith(_DROP_PREFIXES)
+    }
+
+
+def _upstream_request_id(headers: Mapping[str, str]) -> str | None:
+    for name in _UPSTREAM_ID_HEADERS:
+        if value := headers.get(name):
+            return value[:128]
+    return None
+
+
+def upstream_for(model: str | None) -> UpstreamClient:
+    """The one place that picks the upstream for a request (model routing goes here)."""
+    del model  # a single upstream for now
+    return current_app.extensions["gateway.upstream"]

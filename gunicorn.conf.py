@@ -1,0 +1,75 @@
+"""gunicorn settings for the gateway: `gunicorn -c gunicorn.conf.py app:app`.
+
+Values come from the same validated Settings as the app (gateway.config), so a bad
+environment stops start-up here with one line on stderr, before any worker forks.
+"""
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from gateway.config import load_settings
+from gateway.logs import configure_logging
+
+_settings = load_settings()
+configure_logging(_settings)
+
+bind = f"0.0.0.0:{_settings.port}"
+# gthread: one thread per in-flight request; a stream holds its thread until its last byte.
+worker_class = "gthread"
+# One process by default: with RATE_LIMIT_STORAGE_URI=memory:// the limit counters live in
+# that process, so a second worker would double the limit (the settings refuse it). Scale
+# with threads here, with replicas behind Redis, or with GUNICORN_WORKERS plus redis://.
+workers = _settings.gunicorn_workers
+# Threads cap the streams a worker serves at once; a queued stream waits for a free one.
+threads = _settings.gunicorn_threads
+# Accepted connections may outnumber threads (idle keep-alives, queued requests).
+worker_connections = max(1000, _settings.gunicorn_threads * 4)
+# Load the app once in the master: a config error fails before forking, workers share pages.
+preload_app = True
+# The worker heartbeat, not a request limit: gthread's main loop keeps it fresh while
+# threads stream for minutes, so 30 s only catches a wedged process.
+timeout = 30
+# On SIGTERM, in-flight requests and streams get this long to finish (Kubernetes'
+# terminationGracePeriodSeconds and compose's stop_grace_period must be longer).
+graceful_timeout = 120
+# Longer than common load balancers' idle timeouts (AWS ALB: 60 s) would be a race; 75 s
+# matches nginx's default and lets SDK clients reuse connections between calls.
+keepalive = 75
+# The app writes one JSON access line per request itself; gunicorn's would duplicate it.
+accesslog = None
+errorlog = "-"
+loglevel = _settings.log_level.lower() if _settings.log_level != "TRACE" else "debug"
+logger_class = "gateway.logs.GunicornLogger"
+# The heartbeat file goes to memory: the container's root filesystem is read-only.
+worker_tmp_dir = "/dev/shm"
+# No control socket: nothing uses it, and it would need a writable $HOME.
+control_socket_disable = True
+
+
+def on_starting(server: Any) -> None:
+    """Start with empty shared metrics files: stale ones would add a previous run's counts."""
+    if _settings.prometheus_multiproc_dir:
+        for stale in Path(_settings.prometheus_multiproc_dir).glob("*.db"):
+            stale.unlink()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Mark the app as draining on SIGTERM, so /ready turns 503 while streams finish."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        worker.wsgi.extensions["gateway.draining"].set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges from the shared metrics files."""
+    if _settings.prometheus_multiproc_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
