@@ -22,6 +22,35 @@ DEFAULT_TARGET_API_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
 RATE_LIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
+# Every variable load_settings reads (documented in .env.example; deployment files are
+# tested against this list).
+ENVIRONMENT_VARIABLES = (
+    "PORT",
+    "TARGET_API_URL",
+    "TARGET_API_KEY",
+    "GATEWAY_API_KEYS",
+    "RATE_LIMIT_REQUESTS_PER_MINUTE",
+    "RATE_LIMIT_STORAGE_URI",
+    "RATE_LIMIT_STRATEGY",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "HEALTH_CHECK_ENABLED",
+    "CORS_ALLOWED_ORIGINS",
+    "UPSTREAM_CONNECT_TIMEOUT",
+    "UPSTREAM_READ_TIMEOUT",
+    "MAX_REQUEST_BODY_BYTES",
+    "GUNICORN_WORKERS",
+    "GUNICORN_THREADS",
+    "WEB_CONCURRENCY",
+    "ENV_FILE",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "PROMETHEUS_MULTIPROC_DIR",
+)
 
 
 class ConfigError(SystemExit):
