@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, current_app, g, request
 
 from gateway.errors import GatewayError
 from gateway.upstream import upstream_for
@@ -29,13 +29,23 @@ def embeddings() -> Response:
 
 
 def _relay(path: str) -> Response:
-    body = request.get_data(cache=False)
+    body = read_body()
     payload = parse_payload(body)
     record = g.record
     record.model = payload["model"]
     record.stream = payload.get("stream") is True
     # The body goes upstream as the client sent it: parsed once to read, never re-serialised.
     return upstream_for(record.model).relay("POST", path, record, request.headers, body)
+
+
+def read_body() -> bytes:
+    body = request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # A chunked body (no Content-Length) is cut at the limit by Werkzeug, not refused:
+    # a body that fills the limit exactly is treated as one that went past it.
+    if request.content_length is None and len(body) >= limit:
+        raise GatewayError(413, "Request body too large.", code="request_too_large")
+    return body
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:

@@ -291,6 +291,9 @@ class FakeUpstream:
         finally:
             if not gone.done():
                 gone.cancel()
+                # Wait for the cancellation, or the next request's read would collide with it.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gone
         return chunked
 
     def _note_disconnect(self, headers: dict[str, str], sent: int) -> None:

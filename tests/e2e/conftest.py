@@ -80,7 +80,7 @@ class GatewayFactory:
 
     def __call__(self, **env: str) -> Gateway:
         port = free_port()
-        full_env = base_env(PORT=str(port), TARGET_API_URL=self.upstream_url, **env)
+        full_env = base_env(**{"PORT": str(port), "TARGET_API_URL": self.upstream_url, **env})
         log_path = self.tmp_path / f"gateway-{port}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -112,7 +112,7 @@ def wait_until_healthy(gateway: Gateway, timeout: float = 20) -> None:
     raise RuntimeError(f"gateway did not become healthy:\n{gateway.logs()}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_upstream() -> Iterator[FakeUpstream]:
     upstream = FakeUpstream().start()
     yield upstream
@@ -121,14 +121,20 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def start_gateway(tmp_path: Path, fake_upstream: FakeUpstream) -> Iterator[GatewayFactory]:
+    """Starts gateways with per-test settings; all are stopped when the test ends."""
     factory = GatewayFactory(tmp_path, fake_upstream.url)
     yield factory
     factory.stop_all()
 
 
-@pytest.fixture
-def gateway(start_gateway: GatewayFactory) -> Gateway:
-    return start_gateway()
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream
+) -> Iterator[Gateway]:
+    """One gateway shared by a module's tests that need no special settings."""
+    factory = GatewayFactory(tmp_path_factory.mktemp("gateway"), fake_upstream.url)
+    yield factory(RATE_LIMIT_REQUESTS_PER_MINUTE="100000")
+    factory.stop_all()
 
 
 @pytest.fixture

@@ -1,0 +1,76 @@
+"""Rate limits hold exactly under concurrency: across threads, workers and instances."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.constants import GATEWAY_KEY, SECOND_GATEWAY_KEY
+from tests.e2e.conftest import Gateway, GatewayFactory
+
+
+def burst(gateways: list[Gateway], total: int, key: str = GATEWAY_KEY) -> Counter[int]:
+    """`total` concurrent requests, spread round-robin over `gateways`."""
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def one(i: int) -> int:
+        url = gateways[i % len(gateways)].url + "/v1/models"
+        return requests.get(url, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(max_workers=min(total, 64)) as pool:
+        return Counter(pool.map(one, range(total), timeout=120))
+
+
+def test_concurrent_burst_admits_exactly_n_in_memory(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(RATE_LIMIT_REQUESTS_PER_MINUTE="25", GUNICORN_THREADS="64")
+    statuses = burst([gateway], 120)
+    assert statuses == Counter({200: 25, 429: 95})
+    # Each key has its own budget.
+    assert burst([gateway], 30, key=SECOND_GATEWAY_KEY) == Counter({200: 25, 429: 5})
+
+
+def test_workers_sharing_redis_admit_exactly_n(
+    start_gateway: GatewayFactory, redis_url: str
+) -> None:
+    gateway = start_gateway(
+        RATE_LIMIT_REQUESTS_PER_MINUTE="30",
+        RATE_LIMIT_STORAGE_URI=redis_url,
+        GUNICORN_WORKERS="2",
+        GUNICORN_THREADS="32",
+    )
+    assert burst([gateway], 100) == Counter({200: 30, 429: 70})
+
+
+def test_two_instances_sharing_redis_admit_exactly_n_together(
+    start_gateway: GatewayFactory, redis_url: str
+) -> None:
+    settings = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "40", "RATE_LIMIT_STORAGE_URI": redis_url}
+    first = start_gateway(**settings)
+    second = start_gateway(**settings)
+    statuses = burst([first, second], 120)
+    assert statuses == Counter({200: 40, 429: 80})
+    ready = [requests.get(g.url + "/ready", timeout=5) for g in (first, second)]
+    assert [r.status_code for r in ready] == [200, 200]
+
+
+def test_memory_storage_with_several_workers_is_refused(start_gateway: GatewayFactory) -> None:
+    try:
+        start_gateway(GUNICORN_WORKERS="2")
+    except RuntimeError as failure:
+        assert "RATE_LIMIT_STORAGE_URI" in str(failure)
+    else:
+        raise AssertionError("gunicorn started with memory:// and two workers")
+
+
+def test_ready_is_503_when_redis_is_unreachable(start_gateway: GatewayFactory) -> None:
+    from tests.e2e.conftest import free_port
+
+    gateway = start_gateway(RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
+    ready = requests.get(gateway.url + "/ready", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["rate_limit_storage"] == "unreachable"
+    # Failing open: the limit is lost while Redis is down, the service is not.
+    headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+    assert requests.get(gateway.url + "/v1/models", headers=headers, timeout=10).status_code == 200

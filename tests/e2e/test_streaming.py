@@ -1,0 +1,128 @@
+"""Streams through real gunicorn: incremental, byte-identical, cancelled on disconnect."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import requests
+
+from tests.e2e.conftest import Gateway, GatewayFactory
+from tests.fake_upstream import FakeUpstream, expected_stream
+
+
+def stream_request(
+    gateway: Gateway, auth: dict[str, str], script: dict, request_id: str | None = None
+) -> requests.Response:
+    headers = dict(auth)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    body = {"model": "qwen-plus", "stream": True, "messages": [], "fake": script}
+    return requests.post(
+        gateway.url + "/v1/chat/completions",
+        data=orjson.dumps(body),
+        headers=headers,
+        stream=True,
+        timeout=30,
+    )
+
+
+def test_stream_headers_and_bytes(gateway: Gateway, auth: dict[str, str]) -> None:
+    with stream_request(gateway, auth, {"chunks": 4, "usage": True}) as response:
+        body = response.raw.read()
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in response.headers
+    assert int(response.headers["x-ratelimit-limit-requests"]) > 0
+    assert body == expected_stream(4, "qwen-plus", usage=True)
+
+
+def test_first_chunk_arrives_before_upstream_sends_the_second(
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    request_id = uuid.uuid4().hex
+    with stream_request(gateway, auth, {"chunks": 3, "delay": 1.0}, request_id) as response:
+        chunks = response.iter_content(chunk_size=None)
+        first = next(chunks)
+        first_seen = time.monotonic()
+        rest = b"".join(chunks)
+    sent = fake_upstream.chunk_times[request_id]
+    # Causal, not a timing threshold: the client held chunk 0 before chunk 1 existed.
+    assert first_seen < sent[1]
+    assert first + rest == expected_stream(3, "qwen-plus")
+
+
+def test_close_delimited_upstream_stream_is_incremental(
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    request_id = uuid.uuid4().hex
+    script = {"chunks": 3, "delay": 1.0, "framing": "close"}
+    with stream_request(gateway, auth, script, request_id) as response:
+        chunks = response.iter_content(chunk_size=None)
+        first = next(chunks)
+        first_seen = time.monotonic()
+        rest = b"".join(chunks)
+    assert first_seen < fake_upstream.chunk_times[request_id][1]
+    assert first + rest == expected_stream(3, "qwen-plus")
+
+
+def test_client_disconnect_closes_the_upstream(
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    request_id = uuid.uuid4().hex
+    response = stream_request(gateway, auth, {"chunks": 100, "delay": 0.1}, request_id)
+    chunks = response.iter_content(chunk_size=None)
+    next(chunks)
+    next(chunks)
+    response.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(d.request_id == request_id for d in fake_upstream.disconnects):
+            break
+        time.sleep(0.05)
+    gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+    assert gone, "the upstream never saw the gateway close the stream"
+    assert gone[0].chunks_sent < 100
+
+
+def test_upstream_dying_mid_stream_ends_with_an_error_event(
+    gateway: Gateway, auth: dict[str, str]
+) -> None:
+    with stream_request(gateway, auth, {"chunks": 5, "die_after": 2}) as response:
+        body = response.raw.read()
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[:2] == [e for e in expected_stream(5, "qwen-plus").split(b"\n\n") if e][:2]
+    error = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert error["error"]["code"] == "upstream_unavailable"
+    assert len(events) == 3
+
+
+def test_read_timeout_mid_stream_ends_with_a_timeout_event(
+    start_gateway: GatewayFactory, auth: dict[str, str]
+) -> None:
+    gateway = start_gateway(UPSTREAM_READ_TIMEOUT="0.5")
+    with stream_request(gateway, auth, {"chunks": 3, "delay": 3}) as response:
+        body = response.raw.read()
+    events = [e for e in body.split(b"\n\n") if e]
+    error = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert error["error"]["code"] == "upstream_timeout"
+
+
+def test_100_concurrent_streams_are_byte_identical(
+    start_gateway: GatewayFactory, auth: dict[str, str]
+) -> None:
+    gateway = start_gateway(GUNICORN_THREADS="128", RATE_LIMIT_REQUESTS_PER_MINUTE="1000")
+
+    def one(_: int) -> bytes:
+        with stream_request(gateway, auth, {"chunks": 20, "delay": 0.02}) as response:
+            assert response.status_code == 200
+            return response.raw.read()
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        bodies = list(pool.map(one, range(100), timeout=120))
+    expected = expected_stream(20, "qwen-plus")
+    assert sum(body == expected for body in bodies) == 100
