@@ -86,7 +86,10 @@ class Settings:
     gunicorn_workers: int = 1
     gunicorn_threads: int = 256
     # Proxies for the upstream URL, resolved once from HTTPS_PROXY/NO_PROXY at start-up.
-    upstream_proxies: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # repr=False: a proxy URL may carry a password.
+    upstream_proxies: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
     upstream_ca_bundle: str | None = None
     prometheus_multiproc_dir: str | None = None
 
@@ -97,9 +100,8 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Every value that must never appear in a log line or an error message."""
         found = [self.target_api_key, *self.gateway_api_keys]
-        password = urlsplit(self.rate_limit_storage_uri).password
-        if password:
-            found.append(password)
+        for uri in (self.rate_limit_storage_uri, *self.upstream_proxies.values()):
+            found.append(urlsplit(uri).password or "")
         return tuple(s for s in found if s)
 
 
@@ -181,7 +183,8 @@ def _proxies_for(url: str, env: Mapping[str, str]) -> dict[str, str]:
     proxy = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
     proxy = proxy or env.get("all_proxy") or env.get("ALL_PROXY")
     no_proxy = env.get("no_proxy") or env.get("NO_PROXY")
-    if not proxy or requests.utils.should_bypass_proxies(url, no_proxy=no_proxy):
+    # no_proxy="" rather than None: requests would otherwise read os.environ itself.
+    if not proxy or requests.utils.should_bypass_proxies(url, no_proxy=no_proxy or ""):
         return {}
     return {scheme: proxy}
 

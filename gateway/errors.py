@@ -84,7 +84,8 @@ def _from_http_exception(exc: HTTPException) -> Response:
 def _from_unhandled(exc: Exception) -> Response:
     # Our bug: full details go to the log (with the request id), none to the client.
     logger.opt(exception=exc).error("unhandled error")
-    request_id = getattr(g, "request_id", None)
+    record = g.get("record")
+    request_id = record.request_id if record is not None else None
     suffix = f" (request id {request_id})" if request_id else ""
     return openai_error(500, f"The gateway had an internal error{suffix}.")
 

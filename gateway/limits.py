@@ -56,7 +56,8 @@ def _add_headers(limiter: Limiter, response: Response) -> Response:
     headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
     headers["x-ratelimit-remaining-requests"] = str(current.remaining)
     headers["x-ratelimit-reset-requests"] = openai_duration(reset_in)
-    if response.status_code == 429:
+    # A relayed provider 429 keeps the provider's own Retry-After.
+    if response.status_code == 429 and "Retry-After" not in headers:
         headers["Retry-After"] = str(max(1, math.ceil(reset_in)))
     return response
 

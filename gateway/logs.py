@@ -54,7 +54,9 @@ def _add_request_id(record: Any) -> None:
 
 
 def _redactor(secrets: tuple[str, ...]) -> Callable[[str], str]:
-    ordered = sorted(set(secrets), key=len, reverse=True)
+    # Lines are redacted after JSON encoding, so also look for each secret as JSON spells it.
+    spellings = {form for s in secrets for form in (s, orjson.dumps(s).decode()[1:-1])}
+    ordered = sorted(spellings, key=len, reverse=True)
 
     def redact(text: str) -> str:
         for secret in ordered:

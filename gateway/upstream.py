@@ -8,7 +8,7 @@ per-call merging of environment settings is work done once here instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -64,7 +64,6 @@ _DROP_FROM_UPSTREAM = HOP_BY_HOP | {
     "server",
     "date",
     "x-request-id",
-    "retry-after",
 }
 _DROP_PREFIXES = ("access-control-", "x-ratelimit-")
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -110,12 +109,15 @@ class UpstreamClient:
     ) -> Response:
         """Send one request upstream and turn its answer into the client's response."""
         prepared = requests.PreparedRequest()
-        prepared.prepare(
-            method=method,
-            url=self.base_url + path,
-            headers=self._headers_for(client_headers, record),
-            data=body,
-        )
+        try:
+            prepared.prepare(
+                method=method,
+                url=self.base_url + path,
+                headers=self._headers_for(client_headers, record),
+                data=body,
+            )
+        except requests.exceptions.InvalidHeader:
+            raise GatewayError(400, "A request header has an invalid value.") from None
         try:
             upstream = self.adapter.send(
                 prepared,
@@ -131,7 +133,7 @@ class UpstreamClient:
         headers = relayable_headers(upstream.headers)
         if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
             headers.update(_STREAM_HEADERS)
-            stream = self._relay_stream(upstream, record)
+            stream = StreamRelay(upstream, record, self._translate)
             return Response(stream, status=upstream.status_code, headers=headers)
         with upstream:
             try:
@@ -150,24 +152,6 @@ class UpstreamClient:
         # that no decompressor sits between the provider's chunks and the client's.
         headers["Accept-Encoding"] = "identity" if record.stream else "gzip, deflate"
         return headers
-
-    def _relay_stream(self, upstream: requests.Response, record: RequestRecord) -> Iterator[bytes]:
-        try:
-            with upstream:
-                for chunk in _chunks_as_they_arrive(upstream):
-                    if record.ttfb is None:
-                        record.ttfb = record.elapsed()
-                    if b'"usage"' in chunk:
-                        record.note_usage(chunk)
-                    yield chunk
-        except GeneratorExit:
-            # The client went away: leaving the `with` closed the upstream connection, so
-            # the provider stops generating (and billing) now.
-            record.client_disconnected = True
-            raise
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            error = self._translate(exc, record, mid_stream=True)
-            yield (b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n")
 
     def _translate(
         self, exc: Exception, record: RequestRecord, mid_stream: bool = False
@@ -193,6 +177,45 @@ class UpstreamClient:
             "upstream failure: {}: {}", type(exc).__name__, exc
         )
         return error
+
+
+class StreamRelay:
+    """The body of a streamed answer: the provider's chunks, relayed as they arrive.
+
+    An object rather than a bare generator so that `close()` (called by the WSGI server
+    when the client goes away, even before the first chunk) always closes the upstream
+    response, and the provider stops generating (and billing) at once.
+    """
+
+    def __init__(
+        self,
+        upstream: requests.Response,
+        record: RequestRecord,
+        translate: Callable[..., GatewayError],
+    ) -> None:
+        self._upstream = upstream
+        self._record = record
+        self._translate = translate
+        self._finished = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        record = self._record
+        try:
+            for chunk in _chunks_as_they_arrive(self._upstream):
+                if record.ttfb is None:
+                    record.ttfb = record.elapsed()
+                if b'"usage"' in chunk:
+                    record.note_usage(chunk)
+                yield chunk
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            error = self._translate(exc, record, mid_stream=True)
+            yield b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n"
+        self._finished = True
+
+    def close(self) -> None:
+        if not self._finished:
+            self._record.client_disconnected = True
+        self._upstream.close()
 
 
 def _chunks_as_they_arrive(upstream: requests.Response) -> Iterator[bytes]:

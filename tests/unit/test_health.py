@@ -1,0 +1,68 @@
+"""/health (liveness) and /ready (readiness): public, no upstream call."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+
+from gateway.config import SERVICE_NAME, VERSION
+from tests.unit.support import MakeApp, assert_openai_error
+
+
+def test_health(client: FlaskClient, upstream: responses.RequestsMock) -> None:
+    response = client.get("/health")
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert set(body) == {"status", "service", "version", "timestamp"}
+    assert body["status"] == "healthy"
+    assert body["service"] == SERVICE_NAME
+    assert body["version"] == VERSION
+    assert datetime.fromisoformat(body["timestamp"]).utcoffset() is not None
+    assert len(upstream.calls) == 0
+
+
+def test_ready(client: FlaskClient) -> None:
+    response = client.get("/ready")
+
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "ready",
+        "checks": {"config": "ok", "rate_limit_storage": "ok", "shutdown": "no"},
+    }
+
+
+def test_not_ready_while_draining(app: Flask, client: FlaskClient) -> None:
+    app.extensions["gateway.draining"].set()
+
+    response = client.get("/ready")
+
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["shutdown"] == "draining"
+    assert client.get("/health").status_code == 200  # alive, just not taking new work
+
+
+def test_not_ready_when_rate_limit_storage_is_unreachable(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = app.extensions["gateway.limiter"].storage
+    monkeypatch.setattr(storage, "check", lambda: False)
+
+    response = client.get("/ready")
+
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["rate_limit_storage"] == "unreachable"
+
+
+def test_health_check_can_be_turned_off(make_app: MakeApp) -> None:
+    client = make_app(health_check_enabled=False).test_client()
+
+    assert_openai_error(client.get("/health"), 404, "not_found")
+    assert_openai_error(client.get("/ready"), 404, "not_found")
+    assert client.get("/metrics").status_code == 200
