@@ -169,3 +169,20 @@ def test_upstream_429_keeps_the_upstreams_retry_after(
 )
 def test_openai_duration(seconds: float, expected: str) -> None:
     assert openai_duration(seconds) == expected
+
+
+def test_memory_storage_sweeps_once_a_second_instead_of_every_10_ms() -> None:
+    # Guards the name-mangled override: if limits renames the method, this fails.
+    from limits import parse
+    from limits.strategies import MovingWindowRateLimiter
+
+    from gateway.limits import GatewayMemoryStorage
+
+    storage = GatewayMemoryStorage()
+    storage.timer.join()  # the stock 10 ms timer started by __init__
+    limiter = MovingWindowRateLimiter(storage)
+    item = parse("5/minute")
+    assert all(limiter.hit(item, "key") for _ in range(5))
+    assert not limiter.hit(item, "key")
+    assert storage.timer.interval == GatewayMemoryStorage.SWEEP_SECONDS
+    storage.timer.cancel()
