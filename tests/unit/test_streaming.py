@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import responses
@@ -132,3 +133,24 @@ def test_stream_request_answered_with_json_error_is_not_streamed(
     assert response.status_code == 400
     assert response.data == error
     assert "X-Accel-Buffering" not in response.headers
+
+
+class _RememberedAnswer(ScriptedAnswer):
+    raw: Any = None
+
+    def get_response(self, request: Any) -> Any:
+        self.raw = super().get_response(request)
+        return self.raw
+
+
+def test_stream_closed_before_its_first_chunk_closes_the_upstream(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    answer = _RememberedAnswer("POST", UPSTREAM_CHAT, EVENTS)
+    upstream.add(answer)
+
+    response = client.post(CHAT, json=STREAM_REQUEST, headers=auth)
+    assert answer.raw is not None and not answer.raw.closed
+    response.close()  # what the WSGI server does when the client has already gone
+
+    assert answer.raw.closed
