@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import orjson
 import requests
@@ -54,7 +55,12 @@ def test_request_id_is_echoed_forwarded_and_logged(
     response = requests.get(gateway.url + "/v1/models", headers=headers, timeout=10)
     assert response.headers["X-Request-ID"] == "trace-abc-123"
     assert fake_upstream.requests[-1].headers["x-request-id"] == "trace-abc-123"
-    access = [e for e in log_entries(gateway) if e.get("request_id") == "trace-abc-123"]
+    # The access line is written once the response is sent: wait for it, bounded.
+    deadline = time.monotonic() + 10
+    access: list[dict] = []
+    while not access and time.monotonic() < deadline:
+        access = [e for e in log_entries(gateway) if e.get("request_id") == "trace-abc-123"]
+        time.sleep(0.05)
     assert access and access[-1]["upstream_request_id"].startswith("upstream-")
 
 
