@@ -1,0 +1,70 @@
+"""gunicorn with a CPU-time profiler in every request thread: `python -m bench.cpuprofile`.
+
+Used by `bench.run --profile` instead of plain `gunicorn -c gunicorn.conf.py app:app` (same
+config, same app). Why not only py-spy: with a hundred threads on one core, py-spy counts a
+thread as active while it is runnable but waiting for the CPU, so its samples pile up on
+whatever call each thread woke from (queue.get, recv, a lock). cProfile with
+`time.thread_time` as its clock charges each function only the CPU its own thread spent, so
+waiting costs nothing; the price is a slower (deterministic) profile, so compare shares,
+not absolute times.
+
+Each worker writes `<BENCH_PROFILE_DIR>/worker-<pid>.pstats` when it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import cProfile
+import os
+import pstats
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_profiles: list[cProfile.Profile] = []
+_lock = threading.Lock()
+
+
+def _start_in_this_thread(*_: Any) -> None:
+    """threading's profile hook: replaced, on a new thread's first call, by a real profiler."""
+    sys.setprofile(None)
+    profiler = cProfile.Profile(time.thread_time)
+    with _lock:
+        _profiles.append(profiler)
+    profiler.enable()
+
+
+def _dump(master_pid: int, out_dir: Path) -> None:
+    if os.getpid() == master_pid:
+        return
+    with _lock:
+        profilers = list(_profiles)
+    if not profilers:
+        return
+    stats: pstats.Stats | None = None
+    for profiler in profilers:
+        profiler.create_stats()
+        if stats is None:
+            stats = pstats.Stats(profiler)
+        else:
+            stats.add(profiler)
+    if stats is not None:
+        stats.dump_stats(out_dir / f"worker-{os.getpid()}.pstats")
+
+
+def main() -> None:
+    from gunicorn.app.wsgiapp import run
+
+    out_dir = Path(os.environ.get("BENCH_PROFILE_DIR", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Set in the master, inherited by the forked worker: every thread it starts is profiled.
+    threading.setprofile(_start_in_this_thread)
+    atexit.register(_dump, os.getpid(), out_dir)
+    sys.argv = ["gunicorn", *sys.argv[1:]]
+    run()
+
+
+if __name__ == "__main__":
+    main()

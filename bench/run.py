@@ -1,0 +1,447 @@
+"""`python -m bench.run`: the gateway against a direct call to the same upstream, one table.
+
+    make bench                                      # everything, about 2-3 minutes
+    .venv/bin/python -m bench.run --quick           # a smoke run, well under a minute
+    .venv/bin/python -m bench.run --threads 1024 --scenarios stream-1000
+    .venv/bin/python -m bench.run --profile         # plus where the worker spends its CPU
+
+Each scenario runs twice: straight at the fake upstream (bench/upstream.py), then through a
+fresh gateway started as in production (`gunicorn -c gunicorn.conf.py app:app`). The table
+goes to stdout and to bench/results/latest.md; gateway logs and profiles sit beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from bench import profile
+from bench.procs import (
+    BIN,
+    PRODUCTION_COMMAND,
+    REPO,
+    Cores,
+    PeakRss,
+    Started,
+    busy_seconds,
+    cpu_seconds,
+    process_tree,
+    start_gateway,
+    start_upstream,
+)
+from bench.report import LEGEND, Measurement, Result, percentile, table
+from bench.streams import StreamStats, run_streams, stream_request
+from bench.upstream import completion, expected_stream
+from bench.wrk import require_wrk, run_wrk
+
+RESULTS = REPO / "bench" / "results"
+GATEWAY_KEY = "gw-bench-key-3b9e71c0d5a2"
+UPSTREAM_KEY = "sk-bench-upstream-5c8d2e"
+MODEL = "bench-model"
+CHUNKS, CHUNK_DELAY = 20, 0.02
+CHAT_BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]})
+STREAM_BODY = orjson.dumps(
+    {
+        "model": MODEL,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "fake": {"chunks": CHUNKS, "delay": CHUNK_DELAY},
+    }
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "json" (wrk) or "stream" (bench.streams)
+    concurrency: int
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("json-c16", "json", 16),
+        Scenario("json-c64", "json", 64),
+        Scenario("stream-50", "stream", 50),
+        Scenario("stream-200", "stream", 200),
+        Scenario("stream-1000", "stream", 1000),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Durations:
+    json: float
+    stream: float
+    warmup: float
+
+
+FULL = Durations(json=10, stream=8, warmup=2)
+QUICK = Durations(json=2, stream=2, warmup=1)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where load goes and whose CPU and memory it costs."""
+
+    port: int
+    key: str
+    server_pid: int
+
+
+class Bench:
+    """Runs scenarios against the direct target and fresh gateways; one per `bench.run`."""
+
+    def __init__(self, args: argparse.Namespace, cores: Cores, upstream_port: int) -> None:
+        self.args = args
+        self.cores = cores
+        self.upstream_port = upstream_port
+        self.durations = QUICK if args.quick else FULL
+
+    def run(self, scenario: Scenario, direct: Target) -> Result:
+        print(f"== {scenario.name}: direct", flush=True)
+        direct_measurement = self.measure(scenario, direct)
+        print(f"== {scenario.name}: gateway", flush=True)
+        with self.gateway(scenario.name) as gateway:
+            gateway_measurement = self.measure(scenario, gateway)
+        # Pinned, the gateway has one core; unpinned, it may use them all.
+        cores = 1 if self.cores.pinned else self.cores.available
+        return Result(scenario.name, direct_measurement, gateway_measurement, cores)
+
+    @contextmanager
+    def gateway(
+        self,
+        label: str,
+        command: Sequence[str] = PRODUCTION_COMMAND,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> Iterator[Target]:
+        port = _free_port()
+        env = {
+            **gateway_env(port, self.upstream_port, self.args.threads),
+            **self.args.gateway_env,
+            **(extra_env or {}),
+        }
+        log_path = RESULTS / f"gateway-{label}.log"
+        started = start_gateway(env, self.cores.gateway, log_path, command)
+        try:
+            check_answers(port, GATEWAY_KEY)
+            yield Target(port, GATEWAY_KEY, started.pid)
+        finally:
+            started.stop()
+            _report_log_problems(started)
+
+    def measure(self, scenario: Scenario, target: Target) -> Measurement:
+        with PeakRss(target.server_pid) as rss:
+            self.load(scenario, target, self.durations.warmup, warmup=True)
+            tree = process_tree(target.server_pid)
+            cpu_before = cpu_seconds(tree)
+            measurement = self.load(scenario, target, self.seconds(scenario))
+            cpu = cpu_seconds(tree) - cpu_before
+        return dataclasses.replace(
+            measurement, cpu_seconds=cpu, peak_rss=rss.peak, peak_pss=rss.peak_pss
+        )
+
+    def seconds(self, scenario: Scenario) -> float:
+        return self.durations.json if scenario.kind == "json" else self.durations.stream
+
+    def load(
+        self, scenario: Scenario, target: Target, seconds: float, warmup: bool = False
+    ) -> Measurement:
+        if scenario.kind == "json":
+            return self._json_load(scenario, target, seconds)
+        return self._stream_load(scenario, target, seconds, warmup)
+
+    def _json_load(self, scenario: Scenario, target: Target, seconds: float) -> Measurement:
+        found = run_wrk(
+            f"http://127.0.0.1:{target.port}/v1/chat/completions",
+            body=CHAT_BODY,
+            key=target.key,
+            connections=scenario.concurrency,
+            seconds=seconds,
+            core=self.cores.load,
+        )
+        detail = ", ".join(f"{kind}: {n}" for kind, n in found.errors.items())
+        return Measurement(
+            requests=found.requests,
+            seconds=found.seconds,
+            p50=found.p50,
+            p99=found.p99,
+            errors=found.error_count,
+            error_detail=f" ({detail})" if detail else "",
+            cpu_seconds=0.0,
+            peak_rss=0,
+        )
+
+    def _stream_load(
+        self, scenario: Scenario, target: Target, seconds: float, warmup: bool
+    ) -> Measurement:
+        # A warm-up is one stream per connection: it starts the gateway's threads and pool.
+        stats = asyncio.run(
+            run_streams(
+                target.port,
+                request=stream_request(target.port, target.key, STREAM_BODY),
+                expected=expected_stream(MODEL, CHUNKS),
+                concurrency=scenario.concurrency,
+                seconds=60 if warmup else seconds,
+                per_connection=1 if warmup else 10_000,
+            )
+        )
+        return _stream_measurement(stats)
+
+
+def _stream_measurement(stats: StreamStats) -> Measurement:
+    detail = ", ".join(f"{kind}: {n}" for kind, n in stats.errors.most_common())
+    return Measurement(
+        requests=stats.completed,
+        seconds=stats.seconds,
+        p50=percentile(stats.total, 50),
+        p99=percentile(stats.total, 99),
+        errors=stats.error_count,
+        error_detail=f" ({detail})" if detail else "",
+        cpu_seconds=0.0,
+        peak_rss=0,
+        ttfb_p50=percentile(stats.ttfb, 50),
+        ttfb_p99=percentile(stats.ttfb, 99),
+    )
+
+
+def gateway_env(port: int, upstream_port: int, threads: int | None) -> dict[str, str]:
+    """A clean environment: nothing from the shell (proxies!) or a local .env leaks in."""
+    env = {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "ENV_FILE": "",
+        "PORT": str(port),
+        "TARGET_API_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "TARGET_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEYS": GATEWAY_KEY,
+        # Far above any rate the bench reaches: the limiter is checked, never triggered.
+        "RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000",
+        "LOG_LEVEL": "INFO",
+    }
+    if threads is not None:
+        env["GUNICORN_THREADS"] = str(threads)
+    return env
+
+
+def check_answers(port: int, key: str) -> None:
+    """Before timing anything: one JSON answer must arrive byte-identical."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=CHAT_BODY,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = response.read()
+    if body != completion(MODEL):
+        raise RuntimeError(f"port {port} answered {body[:200]!r}, not the upstream's body")
+
+
+def _report_log_problems(started: Started) -> None:
+    if started.log_path is None:
+        return
+    text = started.log_path.read_text(errors="replace")
+    problems = sum(
+        1 for line in text.splitlines() if '"level":"warning"' in line or '"level":"error"' in line
+    )
+    if problems:
+        print(f"   note: {problems} warning/error lines in {started.log_path}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_header(args: argparse.Namespace, cores: Cores, durations: Durations) -> str:
+    from gateway.config import Settings  # only for the default thread count
+
+    default_threads = next(
+        f.default for f in dataclasses.fields(Settings) if f.name == "gunicorn_threads"
+    )
+    threads = args.threads or f"{default_threads} (default)"
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = " (uncommitted changes)" if _git("status", "--porcelain") else ""
+    return "\n".join(
+        [
+            f"# Gateway benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            "",
+            f"- machine: {os.cpu_count()} cores (`nproc`: {cores.available}),"
+            f" {_cpu_model()}; Python {platform.python_version()}",
+            f"- commit {commit}{dirty}; GUNICORN_THREADS={threads}; one gunicorn worker",
+            *(
+                [f"- extra gateway environment: {' '.join(f'{k}={v}' for k, v in extra.items())}"]
+                if (extra := args.gateway_env)
+                else []
+            ),
+            f"- pinning: {cores.describe()}",
+            f"- durations: JSON {durations.json:g} s, streams {durations.stream:g} s"
+            f" ({CHUNKS} chunks x {CHUNK_DELAY * 1000:g} ms), warm-up {durations.warmup:g} s"
+            + (" (--quick)" if args.quick else ""),
+        ]
+    )
+
+
+def other_load(before: tuple[float, float], after: tuple[float, float], seconds: float) -> str:
+    """A header line on CPU used by processes this run did not start, if any."""
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    share = others / seconds if seconds else 0.0
+    if share < 0.05:
+        return f"\n- other processes on the machine: {share:.0%} of a core (quiet)"
+    return (
+        f"\n- **other processes on the machine used {share:.0%} of a core during this run:"
+        " req/s and latencies are noisy; CPU per request and RSS much less so**"
+    )
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _git(*args: str) -> str:
+    try:
+        found = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        )
+    except OSError:
+        return ""
+    return found.stdout.strip()
+
+
+def run_profile(bench: Bench, scenario: Scenario) -> str:
+    """The scenario twice more, apart from the measured runs: threads split, then cProfile."""
+    print(f"== profile: {scenario.name}, CPU by gunicorn thread role", flush=True)
+    seconds = bench.seconds(scenario)
+    with bench.gateway("profile-threads") as target:
+        bench.load(scenario, target, bench.durations.warmup, warmup=True)
+        workers = [pid for pid in process_tree(target.server_pid) if pid != target.server_pid]
+        before = profile.thread_cpu(target.server_pid, workers)
+        found = bench.load(scenario, target, seconds)
+        split = profile.thread_split_markdown(
+            scenario.name, before, profile.thread_cpu(target.server_pid, workers), found.requests
+        )
+    print(f"== profile: {scenario.name}, cProfile in every request thread", flush=True)
+    out_dir = RESULTS / "profile"
+    for stale in out_dir.glob("worker-*.pstats"):
+        stale.unlink()
+    command = [str(BIN / "python"), "-m", "bench.cpuprofile", "-c", "gunicorn.conf.py", "app:app"]
+    extra = {"BENCH_PROFILE_DIR": str(out_dir)}
+    with bench.gateway("profile-cprofile", command, extra) as target:
+        bench.load(scenario, target, bench.durations.warmup, warmup=True)
+        bench.load(scenario, target, seconds)
+    dumps = sorted(out_dir.glob("worker-*.pstats"))
+    if not dumps:
+        raise RuntimeError(f"the profiled worker wrote nothing to {out_dir}")
+    return "\n\n".join(
+        [
+            f"## Profile: gateway worker, {scenario.name}",
+            split,
+            profile.functions_markdown(dumps[-1]),
+        ]
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark the gateway against a direct call to the same fake upstream.",
+    )
+    parser.add_argument("--quick", action="store_true", help="short durations (a smoke run)")
+    parser.add_argument(
+        "--threads", type=int, help="GUNICORN_THREADS for the gateway (default: its own)"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the gateway, to try a setting (repeatable), e.g. "
+        "LOG_LEVEL=WARNING or MALLOC_ARENA_MAX=2",
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="json-c64",
+        choices=list(SCENARIOS),
+        help="also profile the gateway worker in one scenario (default json-c64): CPU by "
+        "gunicorn thread, then cProfile by function",
+    )
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    args.scenarios = [SCENARIOS[n] for n in names]
+    if bad := [item for item in args.gateway_env if "=" not in item]:
+        parser.error(f"--gateway-env takes NAME=VALUE, got {bad}")
+    args.gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if any(s.kind == "json" for s in args.scenarios) or args.profile:
+        require_wrk()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cores = Cores.detect()
+    if cores.load is not None:
+        # This process runs the stream client: it belongs with the upstream, off the gateway.
+        os.sched_setaffinity(0, {cores.load})
+    started_at = time.monotonic()
+    busy_before = busy_seconds()
+    upstream, upstream_port = start_upstream(cores.load)
+    try:
+        check_answers(upstream_port, UPSTREAM_KEY)
+        bench = Bench(args, cores, upstream_port)
+        direct = Target(upstream_port, UPSTREAM_KEY, upstream.pid)
+        results = [bench.run(scenario, direct) for scenario in args.scenarios]
+        profile_section = run_profile(bench, SCENARIOS[args.profile]) if args.profile else ""
+    finally:
+        upstream.stop()
+    seconds = time.monotonic() - started_at
+    header = machine_header(args, cores, bench.durations)
+    header += other_load(busy_before, busy_seconds(), seconds)
+    report = render(header, results, profile_section, seconds)
+    print("\n" + report)
+    (RESULTS / "latest.md").write_text(report + "\n")
+    print(f"\n(written to {RESULTS / 'latest.md'})")
+    return 0
+
+
+def render(header: str, results: list[Result], profile_section: str, seconds: float) -> str:
+    rendered, missed = table(results)
+    verdict = (
+        "All targets in this run are met."
+        if not missed
+        else "Targets missed: " + "; ".join(missed) + "."
+    )
+    parts = (header, rendered, verdict, LEGEND, profile_section, f"Whole run: {seconds:.0f} s.")
+    return "\n\n".join(part for part in parts if part)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

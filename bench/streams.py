@@ -1,0 +1,235 @@
+"""SSE load: many keep-alive connections, each running streams back to back.
+
+A small asyncio Protocol per connection decodes HTTP/1.1 (chunked, Content-Length or
+close-delimited), times each stream to its first body byte and to its end, and compares the
+decoded body with the bytes the upstream sent. Bounded by a deadline, a per-connection
+stream count and a per-stream timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+_HEAD_END = b"\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class StreamOutcome:
+    ttfb: float
+    total: float
+    error: str | None
+
+
+@dataclass
+class StreamStats:
+    ttfb: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return len(self.total)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def add(self, outcome: StreamOutcome) -> None:
+        if outcome.error is None:
+            self.ttfb.append(outcome.ttfb)
+            self.total.append(outcome.total)
+        else:
+            self.errors[outcome.error] += 1
+
+
+class _StreamConnection(asyncio.Protocol):
+    """One connection; `send()` starts a stream and returns a future for its outcome."""
+
+    def __init__(self, request: bytes, expected: bytes) -> None:
+        self.request = request
+        self.expected = expected
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.waiter: asyncio.Future[StreamOutcome] | None = None
+        self._steps = {
+            "size": self._chunk_size,
+            "data": self._chunk_data,
+            "trailer": self._trailer,
+            "length": self._sized_body,
+            "close-delimited": self._until_close,
+        }
+        self._reset()
+
+    def _reset(self) -> None:
+        self.buffer = bytearray()
+        self.body = bytearray()
+        self.state = "head"
+        self.status = 0
+        self.remaining = 0
+        self.sent_at = 0.0
+        self.first_byte_at = 0.0
+        self.received_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.state == "close-delimited":
+            self._finish()
+        else:
+            self._finish("connection closed mid-stream" if self.state != "head" else "reset")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def send(self) -> asyncio.Future[StreamOutcome]:
+        assert self.transport is not None
+        self._reset()
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.request)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.received_at = time.perf_counter()
+        self.buffer += data
+        try:
+            self._decode()
+        except ValueError:
+            self._finish("bad framing")
+            if self.transport is not None:
+                self.transport.close()
+
+    def _decode(self) -> None:
+        if self.state == "head" and not self._head():
+            return
+        # Each step decodes what it can and says whether another step may follow.
+        while self.state != "done" and self._steps[self.state]():
+            pass
+
+    def _head(self) -> bool:
+        end = self.buffer.find(_HEAD_END)
+        if end < 0:
+            return False
+        head = bytes(self.buffer[:end]).lower()
+        del self.buffer[: end + 4]
+        self.status = int(head[9:12])
+        if b"\r\ntransfer-encoding: chunked" in head:
+            self.state = "size"
+        elif (at := head.find(b"\r\ncontent-length:")) >= 0:
+            line_end = head.find(b"\r\n", at + 2)
+            self.remaining = int(head[at + 17 : line_end if line_end >= 0 else None])
+            self.state = "length"
+        else:
+            self.state = "close-delimited"
+        return True
+
+    def _chunk_size(self) -> bool:
+        end = self.buffer.find(b"\r\n")
+        if end < 0:
+            return False
+        self.remaining = int(bytes(self.buffer[:end]).split(b";")[0], 16)
+        del self.buffer[: end + 2]
+        self.state = "data" if self.remaining else "trailer"
+        return True
+
+    def _chunk_data(self) -> bool:
+        if len(self.buffer) < self.remaining + 2:
+            return False
+        self._append(self.buffer[: self.remaining])
+        del self.buffer[: self.remaining + 2]
+        self.state = "size"
+        return True
+
+    def _trailer(self) -> bool:
+        # No trailers expected: the stream ends with the CRLF after the last chunk.
+        if not self.buffer.startswith(b"\r\n"):
+            return False
+        del self.buffer[:2]
+        self._finish()
+        return False
+
+    def _sized_body(self) -> bool:
+        take = min(self.remaining, len(self.buffer))
+        self._append(self.buffer[:take])
+        del self.buffer[:take]
+        self.remaining -= take
+        if not self.remaining:
+            self._finish()
+        return False
+
+    def _until_close(self) -> bool:
+        self._append(bytes(self.buffer))
+        self.buffer.clear()
+        return False
+
+    def _append(self, data: bytes | bytearray) -> None:
+        if data and not self.first_byte_at:
+            self.first_byte_at = self.received_at
+        self.body += data
+
+    def _finish(self, error: str | None = None) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is None or waiter.done():
+            return
+        done_at = time.perf_counter()
+        if error is None and self.status != 200:
+            error = f"status {self.status}"
+        if error is None and self.body != self.expected:
+            error = "body differs from the upstream's"
+        self.state = "done"
+        first = self.first_byte_at or done_at
+        waiter.set_result(StreamOutcome(first - self.sent_at, done_at - self.sent_at, error))
+
+
+async def run_streams(
+    port: int,
+    *,
+    request: bytes,
+    expected: bytes,
+    concurrency: int,
+    seconds: float,
+    per_connection: int = 1000,
+    stream_timeout: float = 60.0,
+) -> StreamStats:
+    """`concurrency` connections to 127.0.0.1:`port`, each streaming until the deadline."""
+    loop = asyncio.get_running_loop()
+    stats = StreamStats()
+    deadline = loop.time() + seconds
+
+    async def one_connection() -> None:
+        connection: _StreamConnection | None = None
+        try:
+            for _ in range(per_connection):
+                if loop.time() >= deadline:
+                    return
+                if connection is None or connection.transport is None:
+                    _, connection = await asyncio.wait_for(
+                        loop.create_connection(
+                            lambda: _StreamConnection(request, expected), "127.0.0.1", port
+                        ),
+                        stream_timeout,
+                    )
+                stats.add(await asyncio.wait_for(connection.send(), stream_timeout))
+        except (TimeoutError, OSError) as exc:
+            stats.errors[type(exc).__name__] += 1
+        finally:
+            if connection is not None and connection.transport is not None:
+                connection.transport.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def stream_request(port: int, key: str, body: bytes) -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Accept: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
+    ) % (port, key.encode(), len(body), body)
