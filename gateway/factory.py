@@ -44,10 +44,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_access(app)
     app.before_request(require_api_key)
     init_rate_limits(app, settings)
+    # always_send=False: CORS headers only for browsers (requests with an Origin header).
     CORS(
         app,
         origins=list(settings.cors_allowed_origins),
         expose_headers=_EXPOSED_HEADERS,
+        always_send=False,
     )
     _register_blueprints(app, settings)
     return app

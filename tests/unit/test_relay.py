@@ -107,7 +107,8 @@ def test_upstream_response_headers_are_filtered(
         },
     )
 
-    response = client.post(CHAT, json={"model": "qwen-plus"}, headers=auth)
+    browser = {**auth, "Origin": "https://app.example"}
+    response = client.post(CHAT, json={"model": "qwen-plus"}, headers=browser)
 
     headers = response.headers
     assert headers["Content-Type"] == "application/json; charset=utf-8"
@@ -117,7 +118,7 @@ def test_upstream_response_headers_are_filtered(
     assert "Trailer" not in headers
     assert headers.get("Server") != "istio-envoy"
     assert headers.get("Connection") != "keep-alive"
-    assert headers["Access-Control-Allow-Origin"] == "*"  # ours, not the provider's
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example"  # ours
     assert headers["x-ratelimit-limit-requests"] == "1000"  # ours, not the provider's
 
 
