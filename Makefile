@@ -10,15 +10,17 @@ BIN := $(VENV)/bin
 run: $(VENV)/.runtime
 	$(BIN)/gunicorn -c gunicorn.conf.py app:app
 
-# `make test`: lint, then the whole suite (unit, end-to-end, deployment checks).
+# `make test`: lint and type-check, then the whole suite (unit, end-to-end, deployment).
 test: $(VENV)/.dev system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .

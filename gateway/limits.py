@@ -34,7 +34,8 @@ class GatewayMemoryStorage(MemoryStorage):
     # Overrides MemoryStorage.__schedule_expiry (name-mangled, hence the spelling).
     def _MemoryStorage__schedule_expiry(self) -> None:  # noqa: N802
         if not self.timer.is_alive():
-            self.timer = threading.Timer(self.SWEEP_SECONDS, self._MemoryStorage__expire_events)
+            sweep = self._MemoryStorage__expire_events  # type: ignore[attr-defined]
+            self.timer = threading.Timer(self.SWEEP_SECONDS, sweep)
             self.timer.daemon = True
             self.timer.start()
 

@@ -18,6 +18,7 @@ from flask import Response, current_app
 from loguru import logger
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
+from werkzeug.datastructures import Headers
 
 from gateway.config import Settings
 from gateway.errors import GatewayError, error_body
@@ -105,7 +106,7 @@ class UpstreamClient:
         method: str,
         path: str,
         record: RequestRecord,
-        client_headers: Mapping[str, str],
+        client_headers: Mapping[str, str] | Headers,
         body: bytes | None = None,
     ) -> Response:
         """Send one request upstream and turn its answer into the client's response."""
@@ -154,7 +155,9 @@ class UpstreamClient:
         prepared.body = body
         return prepared
 
-    def _headers_for(self, client_headers: Mapping[str, str], record: RequestRecord) -> dict:
+    def _headers_for(
+        self, client_headers: Mapping[str, str] | Headers, record: RequestRecord
+    ) -> dict[str, str]:
         headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_FROM_CLIENT}
         headers["Authorization"] = self._authorization
         headers["X-Request-ID"] = record.request_id
