@@ -57,6 +57,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         application_limits=[limit],
         application_limits_exempt_when=_is_anonymous,
         storage_uri=_storage_uri(settings.rate_limit_storage_uri),
+        storage_options=_storage_options(settings.rate_limit_storage_uri),
         strategy=settings.rate_limit_strategy,
         key_prefix="ai-gateway",
         headers_enabled=False,
@@ -72,6 +73,14 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
 
 def _storage_uri(uri: str) -> str:
     return uri.replace("memory://", "gateway-memory://", 1) if uri.startswith("memory://") else uri
+
+
+def _storage_options(uri: str) -> dict[str, str | int]:
+    # Bounded Redis timeouts: without them a Redis that stops answering (rather than
+    # refusing) would hold every request, and /ready, until TCP gives up.
+    if uri.startswith("redis"):
+        return {"socket_connect_timeout": 1, "socket_timeout": 1}
+    return {}
 
 
 def _add_headers(limiter: Limiter, response: Response) -> Response:

@@ -56,6 +56,8 @@ _DROP_FROM_CLIENT = HOP_BY_HOP | {
     "forwarded",
     "origin",
     "referer",
+    # 100-continue is negotiated between the client and gunicorn, not with the provider.
+    "expect",
 }
 # Never relayed to the client: framing that no longer matches (requests decoded the body),
 # the provider's cookies, and headers the gateway sets itself (request id, CORS, limits).

@@ -66,3 +66,21 @@ def test_health_check_can_be_turned_off(make_app: MakeApp) -> None:
     assert_openai_error(client.get("/health"), 404, "not_found")
     assert_openai_error(client.get("/ready"), 404, "not_found")
     assert client.get("/metrics").status_code == 200
+
+
+def test_ready_gives_up_on_a_redis_that_never_answers(make_app: MakeApp) -> None:
+    # A socket that accepts connections and never replies: the failure that hangs for the
+    # kernel's TCP timeout unless the Redis client has timeouts of its own.
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        app = make_app(rate_limit_storage_uri=f"redis://127.0.0.1:{port}/0")
+        response = app.test_client().get("/ready")
+
+    assert response.status_code == 503
+    assert response.json["checks"]["rate_limit_storage"] == "unreachable"
+    redis = app.extensions["gateway.limiter"].storage.storage
+    assert redis.connection_pool.connection_kwargs["socket_timeout"] == 1
