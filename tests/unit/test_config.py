@@ -350,3 +350,10 @@ def test_environment_variables_lists_nothing_unread() -> None:
 
     assert listed - _variables_read_by_config() == set()
     assert len(ENVIRONMENT_VARIABLES) == len(set(ENVIRONMENT_VARIABLES))
+
+
+@pytest.mark.parametrize("document", [".env.example", "README.md"])
+def test_every_variable_is_documented(document: str) -> None:
+    text = (Path(__file__).resolve().parents[2] / document).read_text()
+    missing = [name for name in ENVIRONMENT_VARIABLES if name.isupper() and name not in text]
+    assert missing == []
