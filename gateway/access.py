@@ -15,6 +15,9 @@ from gateway.record import RequestRecord
 
 # A client's own request id is kept if it is short and plain enough to log and forward.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Metric labels take only these; anything else a client invents is "OTHER", so that
+# unauthenticated requests cannot create unbounded Prometheus series.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def start_request() -> None:
@@ -25,8 +28,8 @@ def start_request() -> None:
     rule = request.url_rule
     g.record = RequestRecord(
         request_id=request_id,
-        method=request.method,
-        path=request.path,
+        method=request.method if request.method in _KNOWN_METHODS else "OTHER",
+        path=request.path[:500],
         route=rule.rule if rule is not None else "unmatched",
     )
 

@@ -35,7 +35,17 @@ def _relay(path: str) -> Response:
     record.model = payload["model"]
     record.stream = payload.get("stream") is True
     # The body goes upstream as the client sent it: parsed once to read, never re-serialised.
-    return upstream_for(record.model).relay("POST", path, record, request.headers, body)
+    client = upstream_for(record.model)
+    return client.relay(
+        "POST",
+        path,
+        record,
+        request.headers,
+        body=body,
+        query=request.query_string,
+        # gunicorn hands the client's socket to the app: streams watch it for disconnects.
+        client_socket=request.environ.get("gunicorn.socket"),
+    )
 
 
 def read_body() -> bytes:

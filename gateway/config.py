@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 SERVICE_NAME = "ai-gateway"
 VERSION = "0.1.0"
 
+MIN_KEY_LENGTH = 8
 DEFAULT_TARGET_API_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
@@ -114,9 +115,20 @@ def _validate(s: Settings) -> None:
         raise ConfigError("TARGET_API_KEY is required (the key sent to the upstream provider)")
     if not s.gateway_api_keys or not all(s.gateway_api_keys):
         raise ConfigError("GATEWAY_API_KEYS is required: comma-separated keys clients may use")
+    # Short keys are guessable, and the log redactor would blank every word containing one.
+    _require(
+        all(len(key) >= MIN_KEY_LENGTH for key in s.gateway_api_keys),
+        f"GATEWAY_API_KEYS: every key must be at least {MIN_KEY_LENGTH} characters",
+    )
     url = urlsplit(s.target_api_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError("TARGET_API_URL must be an http:// or https:// URL with a host")
+    # Paths such as /chat/completions are appended to it: a query would end up in between.
+    _require(not url.query and not url.fragment, "TARGET_API_URL must not have a ?query or #")
+    _require(
+        s.prometheus_multiproc_dir is None or os.path.isdir(s.prometheus_multiproc_dir),
+        "PROMETHEUS_MULTIPROC_DIR must be an existing directory",
+    )
     _require(1 <= s.port <= 65535, "PORT must be between 1 and 65535")
     _require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_REQUESTS_PER_MINUTE must be >= 0")
     _require(
@@ -177,8 +189,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         gunicorn_threads=reader.integer("GUNICORN_THREADS", 256),
         upstream_proxies=MappingProxyType(_proxies_for(target_api_url, env)),
         upstream_ca_bundle=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
-        prometheus_multiproc_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        prometheus_multiproc_dir=_multiproc_dir(env, environ),
     )
+
+
+def _multiproc_dir(env: Mapping[str, str], environ: Mapping[str, str] | None) -> str | None:
+    """prometheus-client reads PROMETHEUS_MULTIPROC_DIR from the real environment when it is
+    imported, so a value given only in .env would be silently ignored: refuse it instead."""
+    value = env.get("PROMETHEUS_MULTIPROC_DIR") or None
+    process_env = os.environ if environ is None else environ
+    if value and process_env.get("PROMETHEUS_MULTIPROC_DIR") != value:
+        raise ConfigError(
+            "PROMETHEUS_MULTIPROC_DIR must be set in the process environment, not in .env"
+        )
+    return value
 
 
 def _proxies_for(url: str, env: Mapping[str, str]) -> dict[str, str]:

@@ -32,6 +32,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
     app = Flask("gateway", static_folder=None)
+    # "/v1//chat/completions" is a 404 in the OpenAI shape, not Werkzeug's HTML redirect.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body_bytes
     app.extensions["gateway.settings"] = settings
     app.extensions["gateway.keys"] = KeyRing(settings.gateway_api_keys)

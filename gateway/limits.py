@@ -87,7 +87,8 @@ def _add_headers(limiter: Limiter, response: Response) -> Response:
     current = limiter.current_limit if limiter.enabled else None
     if current is None:
         return response
-    reset_in = max(0.0, current.reset_at - time.time())
+    # window.reset_time, not reset_at: flask-limiter rounds the latter up a whole second.
+    reset_in = max(0.0, current.window.reset_time - time.time())
     headers = response.headers
     headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
     headers["x-ratelimit-remaining-requests"] = str(current.remaining)

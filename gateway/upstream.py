@@ -8,7 +8,10 @@ per-call merging of environment settings is work done once here instead.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -21,6 +24,7 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.datastructures import Headers
 
 from gateway.config import Settings
+from gateway.disconnects import DisconnectWatcher, Unwatch
 from gateway.errors import GatewayError, error_body
 from gateway.record import RequestRecord
 
@@ -38,27 +42,12 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Never sent upstream: the caller's gateway credentials (in any header they might use),
-# framing the adapter sets itself, and client identity the provider has no need for.
-_DROP_FROM_CLIENT = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "cookie",
-    "content-length",
-    "accept-encoding",
-    "x-request-id",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "forwarded",
-    "origin",
-    "referer",
-    # 100-continue is negotiated between the client and gunicorn, not with the provider.
-    "expect",
-}
+# The only client headers sent upstream: an allow-list, because anything else could steer
+# the provider account the gateway pays with (OpenAI-Organization, OpenAI-Project,
+# X-DashScope-WorkSpace...) or smuggle hop-by-hop and credential headers through.
+_FORWARDED_FROM_CLIENT = frozenset({"content-type", "accept", "user-agent", "openai-beta"})
+# The openai SDKs' telemetry headers (X-Stainless-Lang, -Retry-Count...): harmless, useful.
+_FORWARDED_PREFIXES = ("x-stainless-",)
 # Never relayed to the client: framing that no longer matches (requests decoded the body),
 # the provider's cookies, and headers the gateway sets itself (request id, CORS, limits).
 _DROP_FROM_UPSTREAM = HOP_BY_HOP | {
@@ -99,6 +88,7 @@ class UpstreamClient:
             max_retries=0,
             pool_block=False,
         )
+        self.disconnects = DisconnectWatcher()
 
     def close(self) -> None:
         self.adapter.close()
@@ -109,9 +99,14 @@ class UpstreamClient:
         path: str,
         record: RequestRecord,
         client_headers: Mapping[str, str] | Headers,
+        *,
         body: bytes | None = None,
+        query: bytes = b"",
+        client_socket: socket.socket | None = None,
     ) -> Response:
         """Send one request upstream and turn its answer into the client's response."""
+        if query:  # as the client sent it, still percent-encoded
+            path = f"{path}?{query.decode('latin-1')}"
         prepared = self._prepare(method, path, self._headers_for(client_headers, record), body)
         try:
             upstream = self.adapter.send(
@@ -128,10 +123,16 @@ class UpstreamClient:
             raise GatewayError(400, "A request header has an invalid value.") from None
         record.upstream_status = upstream.status_code
         record.upstream_request_id = _upstream_request_id(upstream.headers)
+        if upstream.is_redirect:
+            # Never relayed: a redirect would send the client (and its key) somewhere else.
+            upstream.close()
+            record.upstream_error = "redirect"
+            raise GatewayError(502, "The upstream answered with a redirect.")
         headers = relayable_headers(upstream.headers)
         if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
             headers.update(_STREAM_HEADERS)
-            stream = StreamRelay(upstream, record, self._translate)
+            watch = partial(self.disconnects.watch, client_socket) if client_socket else None
+            stream = StreamRelay(upstream, record, self._translate, watch)
             return Response(stream, status=upstream.status_code, headers=headers)
         with upstream:
             try:
@@ -160,7 +161,11 @@ class UpstreamClient:
     def _headers_for(
         self, client_headers: Mapping[str, str] | Headers, record: RequestRecord
     ) -> dict[str, str]:
-        headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_FROM_CLIENT}
+        headers = {
+            k: v
+            for k, v in client_headers.items()
+            if k.lower() in _FORWARDED_FROM_CLIENT or k.lower().startswith(_FORWARDED_PREFIXES)
+        }
         headers["Authorization"] = self._authorization
         headers["X-Request-ID"] = record.request_id
         # Compressed JSON saves bandwidth to a remote provider; an SSE stream is sent plain so
@@ -233,11 +238,15 @@ class StreamRelay:
         upstream: requests.Response,
         record: RequestRecord,
         translate: Callable[..., GatewayError],
+        watch: Callable[[Callable[[], None]], Unwatch] | None = None,
     ) -> None:
         self._upstream = upstream
         self._record = record
         self._translate = translate
         self._finished = False
+        self._client_gone = False
+        # While the provider is silent, a watcher notices the client leaving (disconnects.py).
+        self._unwatch = watch(self._on_client_gone) if watch is not None else _no_watch
 
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
@@ -249,14 +258,30 @@ class StreamRelay:
                     record.note_usage(chunk)
                 yield chunk
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            if self._client_gone:  # our own shutdown ended the read; nobody is listening
+                return
             error = self._translate(exc, record, mid_stream=True)
             yield b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n"
         self._finished = True
 
     def close(self) -> None:
+        self._unwatch()
         if not self._finished:
             self._record.client_disconnected = True
         self._upstream.close()
+
+    def _on_client_gone(self) -> None:
+        """Called by the watcher thread: end the blocked read and the provider's work now."""
+        self._client_gone = True
+        connection = getattr(self._upstream.raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _no_watch() -> None:
+    return None
 
 
 def _chunks_as_they_arrive(upstream: requests.Response) -> Iterator[bytes]:
@@ -285,10 +310,13 @@ def _caused_by_read_timeout(exc: Exception) -> bool:
 
 
 def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    # Headers the provider names in its Connection header are hop-by-hop too (RFC 9110 7.6.1).
+    listed = {name.strip().lower() for name in headers.get("Connection", "").split(",")}
+    dropped = _DROP_FROM_UPSTREAM | listed
     return {
         k: v
         for k, v in headers.items()
-        if k.lower() not in _DROP_FROM_UPSTREAM and not k.lower().startswith(_DROP_PREFIXES)
+        if k.lower() not in dropped and not k.lower().startswith(_DROP_PREFIXES)
     }
 
 

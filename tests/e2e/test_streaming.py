@@ -126,3 +126,24 @@ def test_100_concurrent_streams_are_byte_identical(
         bodies = list(pool.map(one, range(100), timeout=120))
     expected = expected_stream(20, "qwen-plus")
     assert sum(body == expected for body in bodies) == 100
+
+
+def test_client_leaving_a_silent_stream_closes_the_upstream_before_its_next_chunk(
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    # A reasoning model that thinks between chunks: the gateway has nothing to write, so
+    # only the disconnect watcher can notice the client leaving.
+    request_id = uuid.uuid4().hex
+    response = stream_request(gateway, auth, {"chunks": 4, "delay": 3}, request_id)
+    next(response.iter_content(chunk_size=None))
+    response.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(d.request_id == request_id for d in fake_upstream.disconnects):
+            break
+        time.sleep(0.05)
+    gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+    assert gone, "the upstream never saw the gateway close the stream"
+    # Causal, not timed: the provider saw the close before it wrote its second chunk.
+    assert gone[0].chunks_sent == 1
+    assert len(fake_upstream.chunk_times[request_id]) == 1

@@ -53,7 +53,7 @@ def test_defaults() -> None:
     assert settings.prometheus_multiproc_dir is None
 
 
-def test_every_variable_is_parsed() -> None:
+def test_every_variable_is_parsed(tmp_path: Path) -> None:
     settings = load(
         TARGET_API_URL=" https://llm.example.com/api/v1/ ",
         GATEWAY_API_KEYS=f" {GATEWAY_KEY} ,, {SECOND_GATEWAY_KEY} ,",
@@ -71,7 +71,7 @@ def test_every_variable_is_parsed() -> None:
         GUNICORN_WORKERS="3",
         GUNICORN_THREADS="32",
         REQUESTS_CA_BUNDLE="/etc/ssl/corp.pem",
-        PROMETHEUS_MULTIPROC_DIR="/tmp/prom",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
     )
 
     assert settings.target_api_url == "https://llm.example.com/api/v1"
@@ -90,7 +90,7 @@ def test_every_variable_is_parsed() -> None:
     assert settings.gunicorn_workers == 3
     assert settings.gunicorn_threads == 32
     assert settings.upstream_ca_bundle == "/etc/ssl/corp.pem"
-    assert settings.prometheus_multiproc_dir == "/tmp/prom"
+    assert settings.prometheus_multiproc_dir == str(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -357,3 +357,28 @@ def test_every_variable_is_documented(document: str) -> None:
     text = (Path(__file__).resolve().parents[2] / document).read_text()
     missing = [name for name in ENVIRONMENT_VARIABLES if name.isupper() and name not in text]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TARGET_API_URL", "https://example.openai.azure.com/openai?api-version=2024-06-01"),
+        ("GATEWAY_API_KEYS", f"{GATEWAY_KEY},short"),
+        ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/prometheus"),
+    ],
+)
+def test_values_that_would_misbehave_are_refused(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(**{variable: value})
+    assert variable in refused.value.message
+
+
+def test_multiproc_dir_only_in_dotenv_is_refused(tmp_path: Path) -> None:
+    # prometheus-client reads it from the real environment at import: .env alone is ignored.
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"PROMETHEUS_MULTIPROC_DIR={tmp_path}\n")
+    environ = {**REQUIRED, "ENV_FILE": str(env_file)}
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ)
+    assert "PROMETHEUS_MULTIPROC_DIR" in refused.value.message
+    assert load_settings({**environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
