@@ -37,8 +37,9 @@ timeout = 30
 # On SIGTERM, in-flight requests and streams get this long to finish (Kubernetes'
 # terminationGracePeriodSeconds and compose's stop_grace_period must be longer).
 graceful_timeout = 120
-# Longer than common load balancers' idle timeouts (AWS ALB: 60 s) would be a race; 75 s
-# matches nginx's default and lets SDK clients reuse connections between calls.
+# Longer than the idle timeout of a load balancer in front (AWS ALB: 60 s), so that the
+# balancer, not gunicorn, closes idle connections (the other way round, a request can race
+# a closing connection); also lets SDK clients reuse connections between calls.
 keepalive = 75
 # The app writes one JSON access line per request itself; gunicorn's would duplicate it.
 accesslog = None
