@@ -76,7 +76,7 @@ def _log_access(record: RequestRecord, duration: float) -> None:
         "status": record.status,
         "duration_ms": round(duration * 1000, 2),
         "key_id": record.key_id,
-        "model": record.model,
+        "model": record.model[:200] if record.model else None,  # a client-chosen string
         "stream": record.stream,
         "upstream_status": record.upstream_status,
     }
