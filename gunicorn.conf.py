@@ -16,8 +16,9 @@ configure_logging(_settings)
 
 bind = f"0.0.0.0:{_settings.port}"
 # gthread: one thread per in-flight request; a stream holds its thread until its last byte.
-# This is gthread's ThreadWorker plus one fix: on SIGTERM it closes its listening socket,
-# so new connections are refused at once instead of hanging through the drain.
+# This is gthread's ThreadWorker plus two fixes (gateway/workers.py): on SIGTERM it closes
+# its listening socket, so new connections are refused at once instead of hanging through
+# the drain; and requests gunicorn itself rejects get an OpenAI-shaped JSON error.
 worker_class = "gateway.workers.DrainingThreadWorker"
 # One process by default: with RATE_LIMIT_STORAGE_URI=memory:// the limit counters live in
 # that process, so a second worker would double the limit (the settings refuse it). Scale

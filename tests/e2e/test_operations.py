@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -137,3 +138,19 @@ def test_readme_quick_start_uses_the_tested_start_command() -> None:
 
 def log_entries(gateway: Gateway) -> list[dict]:
     return [orjson.loads(line) for line in gateway.logs().splitlines() if line.strip()]
+
+
+def test_requests_gunicorn_rejects_get_openai_shaped_errors(gateway: Gateway) -> None:
+    huge = requests.get(gateway.url + "/health", headers={"X-Big": "a" * 9000}, timeout=10)
+    assert huge.status_code == 431
+    assert huge.json()["error"]["type"] == "invalid_request_error"
+
+    with socket.create_connection(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])), 10) as raw:
+        raw.sendall(b"GARBAGE\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"application/json" in head
+    assert orjson.loads(body)["error"]["message"]
