@@ -19,7 +19,7 @@ bind = f"0.0.0.0:{_settings.port}"
 # This is gthread's ThreadWorker plus two fixes (gateway/workers.py): on SIGTERM it closes
 # its listening socket, so new connections are refused at once instead of hanging through
 # the drain; and requests gunicorn itself rejects get an OpenAI-shaped JSON error.
-worker_class = "gateway.workers.DrainingThreadWorker"
+worker_class = "gateway.workers.GatewayThreadWorker"
 # One process by default: with RATE_LIMIT_STORAGE_URI=memory:// the limit counters live in
 # that process, so a second worker would double the limit (the settings refuse it). Scale
 # with threads here, with replicas behind Redis, or with GUNICORN_WORKERS plus redis://.

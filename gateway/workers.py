@@ -23,7 +23,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from gateway.errors import error_body
 
 
-class DrainingThreadWorker(ThreadWorker):
+class GatewayThreadWorker(ThreadWorker):
     def init_process(self) -> None:
         # Only this worker process is affected: it answers every HTTP client through this.
         util.write_error = write_openai_error
