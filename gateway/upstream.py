@@ -108,6 +108,24 @@ class UpstreamClient:
         if query:  # as the client sent it, still percent-encoded
             path = f"{path}?{query.decode('latin-1')}"
         prepared = self._prepare(method, path, self._headers_for(client_headers, record), body)
+        upstream = self._send(prepared, record)
+        headers = relayable_headers(upstream.headers)
+        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            headers.update(_STREAM_HEADERS)
+            watch = partial(self.disconnects.watch, client_socket) if client_socket else None
+            stream = StreamRelay(upstream, record, self._translate, watch)
+            return Response(stream, status=upstream.status_code, headers=headers)
+        with upstream:
+            try:
+                content = upstream.content
+            except requests.RequestException as exc:
+                raise self._translate(exc, record) from None
+        if upstream.ok:
+            record.note_usage(content)
+        return Response(content, status=upstream.status_code, headers=headers)
+
+    def _send(self, prepared: requests.PreparedRequest, record: RequestRecord) -> requests.Response:
+        """The provider's status and headers (the body is still to be read), or a GatewayError."""
         try:
             upstream = self.adapter.send(
                 prepared,
@@ -128,20 +146,7 @@ class UpstreamClient:
             upstream.close()
             record.upstream_error = "redirect"
             raise GatewayError(502, "The upstream answered with a redirect.")
-        headers = relayable_headers(upstream.headers)
-        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            headers.update(_STREAM_HEADERS)
-            watch = partial(self.disconnects.watch, client_socket) if client_socket else None
-            stream = StreamRelay(upstream, record, self._translate, watch)
-            return Response(stream, status=upstream.status_code, headers=headers)
-        with upstream:
-            try:
-                content = upstream.content
-            except requests.RequestException as exc:
-                raise self._translate(exc, record) from None
-        if upstream.ok:
-            record.note_usage(content)
-        return Response(content, status=upstream.status_code, headers=headers)
+        return upstream
 
     def _prepare(
         self, method: str, path: str, headers: dict[str, str], body: bytes | None
