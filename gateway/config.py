@@ -111,6 +111,11 @@ class Settings:
 
 
 def _validate(s: Settings) -> None:
+    _validate_upstream_and_keys(s)
+    _validate_limits_and_server(s)
+
+
+def _validate_upstream_and_keys(s: Settings) -> None:
     if not s.target_api_key:
         raise ConfigError("TARGET_API_KEY is required (the key sent to the upstream provider)")
     if not s.gateway_api_keys or not all(s.gateway_api_keys):
@@ -125,10 +130,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("TARGET_API_URL must be an http:// or https:// URL with a host")
     # Paths such as /chat/completions are appended to it: a query would end up in between.
     _require(not url.query and not url.fragment, "TARGET_API_URL must not have a ?query or #")
-    _require(
-        s.prometheus_multiproc_dir is None or os.path.isdir(s.prometheus_multiproc_dir),
-        "PROMETHEUS_MULTIPROC_DIR must be an existing directory",
-    )
+    _require(s.upstream_connect_timeout > 0, "UPSTREAM_CONNECT_TIMEOUT must be > 0")
+    _require(s.upstream_read_timeout > 0, "UPSTREAM_READ_TIMEOUT must be > 0")
+
+
+def _validate_limits_and_server(s: Settings) -> None:
     _require(1 <= s.port <= 65535, "PORT must be between 1 and 65535")
     _require(s.rate_limit_per_minute >= 0, "RATE_LIMIT_REQUESTS_PER_MINUTE must be >= 0")
     _require(
@@ -142,8 +148,6 @@ def _validate(s: Settings) -> None:
     )
     _require(s.log_level in LOG_LEVELS, f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     _require(s.log_format in LOG_FORMATS, "LOG_FORMAT must be json or text")
-    _require(s.upstream_connect_timeout > 0, "UPSTREAM_CONNECT_TIMEOUT must be > 0")
-    _require(s.upstream_read_timeout > 0, "UPSTREAM_READ_TIMEOUT must be > 0")
     _require(s.max_request_body_bytes > 0, "MAX_REQUEST_BODY_BYTES must be > 0")
     _require(s.gunicorn_workers >= 1, "GUNICORN_WORKERS must be >= 1")
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
@@ -152,6 +156,16 @@ def _validate(s: Settings) -> None:
         storage != "memory" or s.gunicorn_workers == 1 or s.rate_limit_per_minute == 0,
         "GUNICORN_WORKERS > 1 needs RATE_LIMIT_STORAGE_URI=redis://...: with memory:// "
         "each worker keeps its own counters and the limit would not hold",
+    )
+    # Each scrape reaches one worker: without shared files /metrics would show only its part.
+    _require(
+        s.gunicorn_workers == 1 or s.prometheus_multiproc_dir is not None,
+        "GUNICORN_WORKERS > 1 needs PROMETHEUS_MULTIPROC_DIR (a writable directory) so that "
+        "/metrics adds up all workers",
+    )
+    _require(
+        s.prometheus_multiproc_dir is None or os.path.isdir(s.prometheus_multiproc_dir),
+        "PROMETHEUS_MULTIPROC_DIR must be an existing directory",
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
@@ -32,15 +35,36 @@ def test_concurrent_burst_admits_exactly_n_in_memory(start_gateway: GatewayFacto
 
 
 def test_workers_sharing_redis_admit_exactly_n(
-    start_gateway: GatewayFactory, redis_url: str
+    start_gateway: GatewayFactory, redis_url: str, tmp_path: Path
 ) -> None:
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
     gateway = start_gateway(
         RATE_LIMIT_REQUESTS_PER_MINUTE="30",
         RATE_LIMIT_STORAGE_URI=redis_url,
         GUNICORN_WORKERS="2",
         GUNICORN_THREADS="32",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
     assert burst([gateway], 100) == Counter({200: 30, 429: 70})
+    # One scrape reaches one worker, yet counts the requests both workers answered.
+    assert scraped_requests(gateway, "/v1/models") == {"200": 30.0, "429": 70.0}
+
+
+def scraped_requests(gateway: Gateway, route: str) -> dict[str, float]:
+    """Requests by status from /metrics, once the last access lines are counted (bounded)."""
+    pattern = re.compile(
+        rf'gateway_requests_total{{method="GET",route="{route}",status="(\d+)"}} (\S+)'
+    )
+    deadline = time.monotonic() + 10
+    counts: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        text = requests.get(gateway.url + "/metrics", timeout=10).text
+        counts = {status: float(value) for status, value in pattern.findall(text)}
+        if sum(counts.values()) >= 100:
+            break
+        time.sleep(0.1)
+    return counts
 
 
 def test_two_instances_sharing_redis_admit_exactly_n_together(

@@ -202,12 +202,21 @@ def test_memory_storage_with_several_workers_is_refused() -> None:
     assert "RATE_LIMIT_STORAGE_URI" in raised.value.message
 
 
-def test_redis_storage_with_several_workers_is_allowed() -> None:
-    assert load(GUNICORN_WORKERS="4", RATE_LIMIT_STORAGE_URI=REDIS).gunicorn_workers == 4
+def test_redis_storage_with_several_workers_is_allowed(tmp_path: Path) -> None:
+    settings = load(
+        GUNICORN_WORKERS="4", RATE_LIMIT_STORAGE_URI=REDIS, PROMETHEUS_MULTIPROC_DIR=str(tmp_path)
+    )
+    assert settings.gunicorn_workers == 4
 
 
-def test_memory_storage_with_several_workers_is_allowed_when_limits_are_off() -> None:
-    settings = load(GUNICORN_WORKERS="4", RATE_LIMIT_REQUESTS_PER_MINUTE="0")
+def test_memory_storage_with_several_workers_is_allowed_when_limits_are_off(
+    tmp_path: Path,
+) -> None:
+    settings = load(
+        GUNICORN_WORKERS="4",
+        RATE_LIMIT_REQUESTS_PER_MINUTE="0",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+    )
 
     assert settings.gunicorn_workers == 4
 
@@ -276,10 +285,17 @@ def test_empty_env_file_setting_reads_no_file(
     assert load_settings({k: v for k, v in REQUIRED.items() if k != "ENV_FILE"}).port == 9000
 
 
-def test_web_concurrency_is_the_worker_count_fallback() -> None:
-    assert load(WEB_CONCURRENCY="3", RATE_LIMIT_STORAGE_URI=REDIS).gunicorn_workers == 3
-    both = load(WEB_CONCURRENCY="3", GUNICORN_WORKERS="2", RATE_LIMIT_STORAGE_URI=REDIS)
+def test_web_concurrency_is_the_worker_count_fallback(tmp_path: Path) -> None:
+    shared = {"RATE_LIMIT_STORAGE_URI": REDIS, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    assert load(WEB_CONCURRENCY="3", **shared).gunicorn_workers == 3
+    both = load(WEB_CONCURRENCY="3", GUNICORN_WORKERS="2", **shared)
     assert both.gunicorn_workers == 2
+
+
+def test_several_workers_need_shared_metrics_files() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(GUNICORN_WORKERS="2", RATE_LIMIT_STORAGE_URI=REDIS)
+    assert "PROMETHEUS_MULTIPROC_DIR" in refused.value.message
 
 
 @pytest.mark.parametrize(
