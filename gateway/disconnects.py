@@ -5,7 +5,10 @@ the client leaves while a reasoning model thinks for minutes, nothing is written
 nothing fails: the provider would go on generating (and billing) until its next chunk,
 and even then the first write after the client left still succeeds. One watcher thread per
 worker process waits for end-of-file on the client sockets of the streams in flight and
-shuts the matching upstream socket down, which ends the blocked read at once.
+calls back, and the stream shuts its upstream socket down, which ends the blocked read.
+
+Known limits: a client that half-closes its side (shutdown(SHUT_WR)) counts as gone, as
+with nginx; and a client that leaves before the provider's first byte is noticed at it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+
+from loguru import logger
 
 Unwatch = Callable[[], None]
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
@@ -30,14 +35,18 @@ class DisconnectWatcher:
         self._watched: dict[int, tuple[socket.socket, Callable[[], None]]] = {}
 
     def watch(self, client: socket.socket, on_disconnect: Callable[[], None]) -> Unwatch:
-        """Call `on_disconnect` if `client` closes before the returned function is called."""
+        """Call `on_disconnect` if `client` closes before the returned function is called.
+
+        `on_disconnect` runs on the watcher thread, under the watcher's lock: it must be
+        quick, and it never runs after the returned function has returned.
+        """
         if isinstance(client, ssl.SSLSocket):  # peeking needs the plain socket
             return _nothing
         fd = client.fileno()
         with self._lock:
             epoll = self._epoll_for_this_process()
-            self._watched[fd] = (client, on_disconnect)
             epoll.register(fd, _EVENTS)
+            self._watched[fd] = (client, on_disconnect)
 
         def unwatch() -> None:
             with self._lock:
@@ -48,10 +57,20 @@ class DisconnectWatcher:
 
         return unwatch
 
+    def close(self) -> None:
+        """Stop watching (the thread ends when its epoll set is closed)."""
+        with self._lock:
+            if self._epoll is not None and self._pid == os.getpid():
+                self._epoll.close()
+            self._epoll = None
+            self._watched = {}
+
     def _epoll_for_this_process(self) -> select.epoll:
         # Made lazily by the process that uses it: gunicorn forks workers after loading the
         # app, and neither an epoll set nor a thread survives a fork.
         if self._epoll is None or self._pid != os.getpid():
+            if self._epoll is not None:
+                self._epoll.close()  # the copy inherited from the parent
             self._epoll = select.epoll()
             self._pid = os.getpid()
             self._watched = {}
@@ -63,21 +82,31 @@ class DisconnectWatcher:
 
     def _run(self, epoll: select.epoll) -> None:
         while True:
-            for fd, _ in epoll.poll():
-                # The callback runs under the lock, so it never fires for a stream that has
-                # already ended (and whose upstream connection may be serving someone else).
-                with self._lock:
-                    watched = self._watched.get(fd)
-                    if watched is None:
-                        continue
-                    state = _peer_state(watched[0])
-                    if state == "closed":
-                        del self._watched[fd]
-                        watched[1]()
-                    elif state == "idle":  # a false alarm: watch again
-                        epoll.modify(fd, _EVENTS)
-                    # "data": the client sent more (a pipelined request); stop watching it
-                    # rather than wake up for the same bytes again and again.
+            try:
+                events = epoll.poll()
+            except (OSError, ValueError):  # closed by close()
+                return
+            for fd, _ in events:
+                try:
+                    self._check(epoll, fd)
+                except Exception:  # noqa: BLE001 - one bad callback must not end the thread
+                    logger.opt(exception=True).error("disconnect watcher callback failed")
+
+    def _check(self, epoll: select.epoll, fd: int) -> None:
+        with self._lock:
+            watched = self._watched.get(fd)
+            if watched is None:
+                return
+            state = _peer_state(watched[0])
+            if state == "closed":
+                del self._watched[fd]
+                with contextlib.suppress(OSError):
+                    epoll.unregister(fd)
+                watched[1]()
+            elif state == "idle":  # a false alarm: watch again
+                epoll.modify(fd, _EVENTS)
+            # "data": the client sent more (a pipelined request); stop watching it rather
+            # than wake up for the same bytes again and again.
 
 
 def _peer_state(client: socket.socket) -> str:

@@ -92,6 +92,7 @@ class UpstreamClient:
 
     def close(self) -> None:
         self.adapter.close()
+        self.disconnects.close()
 
     def relay(
         self,
@@ -250,8 +251,25 @@ class StreamRelay:
         self._translate = translate
         self._finished = False
         self._client_gone = False
-        # While the provider is silent, a watcher notices the client leaving (disconnects.py).
-        self._unwatch = watch(self._on_client_gone) if watch is not None else _no_watch
+        self._unwatch: Unwatch = _no_watch
+        self._pool: Any = None
+        if watch is not None:
+            self._watch_client(watch)
+
+    def _watch_client(self, watch: Callable[[Callable[[], None]], Unwatch]) -> None:
+        """While the provider is silent, a watcher notices the client leaving (disconnects.py).
+
+        The connection stays out of urllib3's pool while watched: urllib3 hands it back at
+        the stream's last byte, before close() ends the watch, and a late callback would then
+        shut down a connection that another request has taken. close() hands it back.
+        """
+        raw: Any = self._upstream.raw
+        self._pool, raw._pool = getattr(raw, "_pool", None), None
+        try:
+            self._unwatch = watch(self._on_client_gone)
+        except OSError:
+            logger.opt(exception=True).warning("cannot watch this client for disconnects")
+            raw._pool, self._pool = self._pool, None
 
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
@@ -267,10 +285,13 @@ class StreamRelay:
                 return
             error = self._translate(exc, record, mid_stream=True)
             yield b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n"
-        self._finished = True
+        # A close-delimited stream ends "normally" when our shutdown ends its read.
+        self._finished = not self._client_gone
 
     def close(self) -> None:
         self._unwatch()
+        if self._pool is not None:
+            self._upstream.raw._pool = self._pool
         if not self._finished:
             self._record.client_disconnected = True
         self._upstream.close()
@@ -278,11 +299,10 @@ class StreamRelay:
     def _on_client_gone(self) -> None:
         """Called by the watcher thread: end the blocked read and the provider's work now."""
         self._client_gone = True
-        connection = getattr(self._upstream.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        # urllib3's shutdown() keeps the socket even where http.client has let go of it
+        # (a Connection: close answer); the read then ends and close() closes the socket.
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            self._upstream.raw.shutdown()
 
 
 def _no_watch() -> None:

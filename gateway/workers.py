@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from typing import Any
 
@@ -45,5 +44,4 @@ def write_openai_error(sock: socket.socket, status_int: int, reason: str, mesg: 
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
-    with contextlib.suppress(OSError):
-        util.write_nonblock(sock, head.encode("latin-1") + body)
+    util.write_nonblock(sock, head.encode("latin-1") + body)

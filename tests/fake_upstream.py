@@ -36,6 +36,8 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    # The gateway's end of the connection: equal peers mean a pooled connection was reused.
+    peer: tuple[str, int] | None = None
 
 
 @dataclass
@@ -175,7 +177,8 @@ class FakeUpstream:
         length = int(headers.get("content-length", "0"))
         body = await reader.readexactly(length) if length else b""
         if self.record:
-            self.requests.append(Received(method, target, headers, body))
+            peer = writer.get_extra_info("peername")
+            self.requests.append(Received(method, target, headers, body, peer))
         keep_alive = headers.get("connection", "").lower() != "close"
         return await self._answer(method, target, headers, body, reader, writer) and keep_alive
 

@@ -147,3 +147,41 @@ def test_client_leaving_a_silent_stream_closes_the_upstream_before_its_next_chun
     # Causal, not timed: the provider saw the close before it wrote its second chunk.
     assert gone[0].chunks_sent == 1
     assert len(fake_upstream.chunk_times[request_id]) == 1
+
+
+def test_client_leaving_a_silent_close_delimited_stream_closes_the_upstream(
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    # With "Connection: close" http.client lets go of the socket; the watcher must not.
+    request_id = uuid.uuid4().hex
+    script = {"chunks": 4, "delay": 3, "framing": "close"}
+    response = stream_request(gateway, auth, script, request_id)
+    next(response.iter_content(chunk_size=None))
+    response.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(d.request_id == request_id for d in fake_upstream.disconnects):
+            break
+        time.sleep(0.05)
+    gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+    assert gone and gone[0].chunks_sent == 1
+
+
+def test_a_finished_stream_hands_its_upstream_connection_back_to_the_pool(
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+) -> None:
+    # Watched streams keep their connection out of the pool until they end; then it must
+    # go back, or every stream would open a new connection (a TLS handshake, remotely).
+    peers = []
+    for _ in range(2):
+        request_id = uuid.uuid4().hex
+        with stream_request(gateway, auth, {"chunks": 2}, request_id) as response:
+            assert response.raw.read() == expected_stream(2, "qwen-plus")
+        peers.append(
+            next(
+                r.peer
+                for r in fake_upstream.requests
+                if r.headers.get("x-request-id") == request_id
+            )
+        )
+    assert peers[0] == peers[1]

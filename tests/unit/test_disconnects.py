@@ -52,3 +52,21 @@ def test_data_from_the_client_is_not_a_disconnect() -> None:
             probe_peer.close()
             assert done.wait(10)
     assert called == []
+
+
+def test_a_failing_callback_does_not_stop_the_watcher() -> None:
+    watcher = DisconnectWatcher()
+
+    def fail() -> None:
+        raise AttributeError("no shutdown here")
+
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    gone = threading.Event()
+    with first, second:
+        watcher.watch(first, fail)
+        first_peer.close()
+        watcher.watch(second, gone.set)
+        second_peer.close()
+        assert gone.wait(10)
+    watcher.close()
