@@ -167,11 +167,7 @@ class UpstreamClient:
     def _headers_for(
         self, client_headers: Mapping[str, str] | Headers, record: RequestRecord
     ) -> dict[str, str]:
-        headers = {
-            k: v
-            for k, v in client_headers.items()
-            if k.lower() in _FORWARDED_FROM_CLIENT or k.lower().startswith(_FORWARDED_PREFIXES)
-        }
+        headers = {k: v for k, v in client_headers.items() if _forwarded(k.lower())}
         headers["Authorization"] = self._authorization
         headers["X-Request-ID"] = record.request_id
         # Compressed JSON saves bandwidth to a remote provider; an SSE stream is sent plain so
@@ -334,15 +330,21 @@ def _caused_by_read_timeout(exc: Exception) -> bool:
     return isinstance(reason, urllib3.exceptions.ReadTimeoutError)
 
 
+def _forwarded(lowered_name: str) -> bool:
+    return lowered_name in _FORWARDED_FROM_CLIENT or lowered_name.startswith(_FORWARDED_PREFIXES)
+
+
 def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
     # Headers the provider names in its Connection header are hop-by-hop too (RFC 9110 7.6.1).
     listed = {name.strip().lower() for name in headers.get("Connection", "").split(",")}
-    dropped = _DROP_FROM_UPSTREAM | listed
-    return {
-        k: v
-        for k, v in headers.items()
-        if k.lower() not in dropped and not k.lower().startswith(_DROP_PREFIXES)
-    }
+    kept = {}
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _DROP_FROM_UPSTREAM or lowered in listed:
+            continue
+        if not lowered.startswith(_DROP_PREFIXES):
+            kept[name] = value
+    return kept
 
 
 def _upstream_request_id(headers: Mapping[str, str]) -> str | None:

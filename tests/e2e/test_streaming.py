@@ -7,10 +7,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
+import pytest
 import requests
 
 from tests.e2e.conftest import Gateway, GatewayFactory
-from tests.fake_upstream import FakeUpstream, expected_stream
+from tests.fake_upstream import Disconnect, FakeUpstream, expected_stream
 
 
 def stream_request(
@@ -29,6 +30,17 @@ def stream_request(
     )
 
 
+def disconnects_of(fake_upstream: FakeUpstream, request_id: str) -> list[Disconnect]:
+    """The provider's record of the gateway closing `request_id`'s stream (waits, bounded)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+        if gone:
+            return gone
+        time.sleep(0.05)
+    return []
+
+
 def test_stream_headers_and_bytes(gateway: Gateway, auth: dict[str, str]) -> None:
     with stream_request(gateway, auth, {"chunks": 4, "usage": True}) as response:
         body = response.raw.read()
@@ -41,11 +53,14 @@ def test_stream_headers_and_bytes(gateway: Gateway, auth: dict[str, str]) -> Non
     assert body == expected_stream(4, "qwen-plus", usage=True)
 
 
+@pytest.mark.parametrize("framing", ["chunked", "close"])
 def test_first_chunk_arrives_before_upstream_sends_the_second(
-    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
+    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream, framing: str
 ) -> None:
+    # "close": a stream framed by closing the connection must not wait for a full buffer.
     request_id = uuid.uuid4().hex
-    with stream_request(gateway, auth, {"chunks": 3, "delay": 1.0}, request_id) as response:
+    script = {"chunks": 3, "delay": 1.0, "framing": framing}
+    with stream_request(gateway, auth, script, request_id) as response:
         chunks = response.iter_content(chunk_size=None)
         first = next(chunks)
         first_seen = time.monotonic()
@@ -53,20 +68,6 @@ def test_first_chunk_arrives_before_upstream_sends_the_second(
     sent = fake_upstream.chunk_times[request_id]
     # Causal, not a timing threshold: the client held chunk 0 before chunk 1 existed.
     assert first_seen < sent[1]
-    assert first + rest == expected_stream(3, "qwen-plus")
-
-
-def test_close_delimited_upstream_stream_is_incremental(
-    gateway: Gateway, auth: dict[str, str], fake_upstream: FakeUpstream
-) -> None:
-    request_id = uuid.uuid4().hex
-    script = {"chunks": 3, "delay": 1.0, "framing": "close"}
-    with stream_request(gateway, auth, script, request_id) as response:
-        chunks = response.iter_content(chunk_size=None)
-        first = next(chunks)
-        first_seen = time.monotonic()
-        rest = b"".join(chunks)
-    assert first_seen < fake_upstream.chunk_times[request_id][1]
     assert first + rest == expected_stream(3, "qwen-plus")
 
 
@@ -79,12 +80,7 @@ def test_client_disconnect_closes_the_upstream(
     next(chunks)
     next(chunks)
     response.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if any(d.request_id == request_id for d in fake_upstream.disconnects):
-            break
-        time.sleep(0.05)
-    gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+    gone = disconnects_of(fake_upstream, request_id)
     assert gone, "the upstream never saw the gateway close the stream"
     assert gone[0].chunks_sent < 100
 
@@ -137,12 +133,7 @@ def test_client_leaving_a_silent_stream_closes_the_upstream_before_its_next_chun
     response = stream_request(gateway, auth, {"chunks": 4, "delay": 3}, request_id)
     next(response.iter_content(chunk_size=None))
     response.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if any(d.request_id == request_id for d in fake_upstream.disconnects):
-            break
-        time.sleep(0.05)
-    gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+    gone = disconnects_of(fake_upstream, request_id)
     assert gone, "the upstream never saw the gateway close the stream"
     # Causal, not timed: the provider saw the close before it wrote its second chunk.
     assert gone[0].chunks_sent == 1
@@ -158,12 +149,7 @@ def test_client_leaving_a_silent_close_delimited_stream_closes_the_upstream(
     response = stream_request(gateway, auth, script, request_id)
     next(response.iter_content(chunk_size=None))
     response.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if any(d.request_id == request_id for d in fake_upstream.disconnects):
-            break
-        time.sleep(0.05)
-    gone = [d for d in fake_upstream.disconnects if d.request_id == request_id]
+    gone = disconnects_of(fake_upstream, request_id)
     assert gone and gone[0].chunks_sent == 1
 
 
