@@ -39,7 +39,9 @@ ENVIRONMENT_VARIABLES = (
     "CORS_ALLOWED_ORIGINS",
     "UPSTREAM_CONNECT_TIMEOUT",
     "UPSTREAM_READ_TIMEOUT",
+    "UPSTREAM_TOTAL_TIMEOUT",
     "MAX_REQUEST_BODY_BYTES",
+    "MAX_RESPONSE_BODY_BYTES",
     "GUNICORN_WORKERS",
     "GUNICORN_THREADS",
     "WEB_CONCURRENCY",
@@ -87,7 +89,11 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     # Longest silence between two upstream bytes: reasoning models can think for minutes.
     upstream_read_timeout: float = 600.0
+    # Longest a non-streamed answer may take in all, however the provider paces its bytes.
+    upstream_total_timeout: float = 900.0
     max_request_body_bytes: int = 10 * 1024 * 1024
+    # The most (decoded) bytes relayed for one answer: 1 MB of gzip can inflate to 1 GB.
+    max_response_body_bytes: int = 256 * 1024 * 1024
     gunicorn_workers: int = 1
     gunicorn_threads: int = 256
     # Proxies for the upstream URL, resolved once from HTTPS_PROXY/NO_PROXY at start-up.
@@ -109,6 +115,12 @@ class Settings:
             found.append(urlsplit(uri).password or "")
         return tuple(s for s in found if s)
 
+    @property
+    def upstream_secrets(self) -> tuple[str, ...]:
+        """The secrets a provider (or the proxy in front of it) could echo back to a client."""
+        proxy_passwords = (urlsplit(uri).password for uri in self.upstream_proxies.values())
+        return tuple(s for s in (self.target_api_key, *proxy_passwords) if s)
+
 
 def _validate(s: Settings) -> None:
     _validate_upstream_and_keys(s)
@@ -125,6 +137,8 @@ def _validate_upstream_and_keys(s: Settings) -> None:
         all(len(key) >= MIN_KEY_LENGTH for key in s.gateway_api_keys),
         f"GATEWAY_API_KEYS: every key must be at least {MIN_KEY_LENGTH} characters",
     )
+    _require_header_safe("TARGET_API_KEY", (s.target_api_key,))
+    _require_header_safe("GATEWAY_API_KEYS", s.gateway_api_keys)
     url = urlsplit(s.target_api_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError("TARGET_API_URL must be an http:// or https:// URL with a host")
@@ -132,6 +146,7 @@ def _validate_upstream_and_keys(s: Settings) -> None:
     _require(not url.query and not url.fragment, "TARGET_API_URL must not have a ?query or #")
     _require(s.upstream_connect_timeout > 0, "UPSTREAM_CONNECT_TIMEOUT must be > 0")
     _require(s.upstream_read_timeout > 0, "UPSTREAM_READ_TIMEOUT must be > 0")
+    _require(s.upstream_total_timeout > 0, "UPSTREAM_TOTAL_TIMEOUT must be > 0")
 
 
 def _validate_limits_and_server(s: Settings) -> None:
@@ -149,6 +164,7 @@ def _validate_limits_and_server(s: Settings) -> None:
     _require(s.log_level in LOG_LEVELS, f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     _require(s.log_format in LOG_FORMATS, "LOG_FORMAT must be json or text")
     _require(s.max_request_body_bytes > 0, "MAX_REQUEST_BODY_BYTES must be > 0")
+    _require(s.max_response_body_bytes > 0, "MAX_RESPONSE_BODY_BYTES must be > 0")
     _require(s.gunicorn_workers >= 1, "GUNICORN_WORKERS must be >= 1")
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
     # memory:// counters live inside one process: a second worker would double the limit.
@@ -167,6 +183,22 @@ def _validate_limits_and_server(s: Settings) -> None:
         s.prometheus_multiproc_dir is None or os.path.isdir(s.prometheus_multiproc_dir),
         "PROMETHEUS_MULTIPROC_DIR must be an existing directory",
     )
+
+
+def _require_header_safe(name: str, keys: tuple[str, ...]) -> None:
+    """A key travels in an `Authorization` header: printable ASCII, no spaces.
+
+    A curly quote or a non-breaking space pasted from a document would otherwise fail every
+    request later, with an error that blames the client. The message names the character's
+    position and code point, never the key.
+    """
+    for key in keys:
+        for position, char in enumerate(key, 1):
+            if not "!" <= char <= "~":
+                raise ConfigError(
+                    f"{name} contains a character that cannot be sent in an HTTP header "
+                    f"(U+{ord(char):04X} at position {position}); copy the key again"
+                )
 
 
 def _require(condition: bool, message: str) -> None:
@@ -198,7 +230,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         cors_allowed_origins=reader.csv("CORS_ALLOWED_ORIGINS", ("*",)),
         upstream_connect_timeout=reader.number("UPSTREAM_CONNECT_TIMEOUT", 10.0),
         upstream_read_timeout=reader.number("UPSTREAM_READ_TIMEOUT", 600.0),
+        upstream_total_timeout=reader.number("UPSTREAM_TOTAL_TIMEOUT", 900.0),
         max_request_body_bytes=reader.integer("MAX_REQUEST_BODY_BYTES", 10 * 1024 * 1024),
+        max_response_body_bytes=reader.integer("MAX_RESPONSE_BODY_BYTES", 256 * 1024 * 1024),
         gunicorn_workers=workers,
         gunicorn_threads=reader.integer("GUNICORN_THREADS", 256),
         upstream_proxies=MappingProxyType(_proxies_for(target_api_url, env)),

@@ -46,6 +46,8 @@ def test_defaults() -> None:
     assert settings.upstream_connect_timeout == 10.0
     assert settings.upstream_read_timeout == 600.0
     assert settings.max_request_body_bytes == 10 * 1024 * 1024
+    assert settings.upstream_total_timeout == 900.0
+    assert settings.max_response_body_bytes == 256 * 1024 * 1024
     assert settings.gunicorn_workers == 1
     assert settings.gunicorn_threads == 256
     assert dict(settings.upstream_proxies) == {}
@@ -68,6 +70,8 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         UPSTREAM_CONNECT_TIMEOUT="2.5",
         UPSTREAM_READ_TIMEOUT="90",
         MAX_REQUEST_BODY_BYTES="2048",
+        UPSTREAM_TOTAL_TIMEOUT="120",
+        MAX_RESPONSE_BODY_BYTES="4096",
         GUNICORN_WORKERS="3",
         GUNICORN_THREADS="32",
         REQUESTS_CA_BUNDLE="/etc/ssl/corp.pem",
@@ -87,6 +91,8 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert settings.upstream_connect_timeout == 2.5
     assert settings.upstream_read_timeout == 90.0
     assert settings.max_request_body_bytes == 2048
+    assert settings.upstream_total_timeout == 120.0
+    assert settings.max_response_body_bytes == 4096
     assert settings.gunicorn_workers == 3
     assert settings.gunicorn_threads == 32
     assert settings.upstream_ca_bundle == "/etc/ssl/corp.pem"
@@ -133,6 +139,15 @@ def test_ssl_cert_file_is_the_ca_bundle_when_requests_ca_bundle_is_unset() -> No
         ("UPSTREAM_READ_TIMEOUT", "nan"),
         ("MAX_REQUEST_BODY_BYTES", "10MB"),
         ("MAX_REQUEST_BODY_BYTES", "0"),
+        ("UPSTREAM_TOTAL_TIMEOUT", "later"),
+        ("UPSTREAM_TOTAL_TIMEOUT", "0"),
+        ("MAX_RESPONSE_BODY_BYTES", "1GB"),
+        ("MAX_RESPONSE_BODY_BYTES", "-1"),
+        # Keys travel in an Authorization header: pasted curly quotes, spaces, accents.
+        ("TARGET_API_KEY", UPSTREAM_KEY + "\u201d"),
+        ("TARGET_API_KEY", "sk-two words-0123456789"),
+        ("TARGET_API_KEY", "sk-upstream\u00a0secret-0123456789"),
+        ("GATEWAY_API_KEYS", GATEWAY_KEY + "\u00e9"),
         ("GUNICORN_WORKERS", "two"),
         ("GUNICORN_WORKERS", "0"),
         ("GUNICORN_THREADS", "0"),
@@ -147,6 +162,7 @@ def test_malformed_value_names_the_variable(variable: str, value: str) -> None:
         load(**{variable: value})
 
     assert variable in raised.value.message
+    assert value.strip() not in raised.value.message or "KEY" not in variable  # never a key
 
 
 @pytest.mark.parametrize(
