@@ -38,14 +38,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gateway.settings"] = settings
     app.extensions["gateway.keys"] = KeyRing(settings.gateway_api_keys)
     app.extensions["gateway.upstream"] = UpstreamClient(settings)
-    app.extensions["gateway.metrics"] = GatewayMetrics(settings)
+    metrics = app.extensions["gateway.metrics"] = GatewayMetrics(settings)
     # Set on SIGTERM (see gunicorn.conf.py): /ready answers 503 while streams drain.
     app.extensions["gateway.draining"] = threading.Event()
     register_error_handlers(app)
     # Order matters: request id first, then the key check, then the limiter (after init).
     init_access(app)
     app.before_request(require_api_key)
-    init_rate_limits(app, settings)
+    init_rate_limits(app, settings, metrics)
     # always_send=False: CORS headers only for browsers (requests with an Origin header).
     CORS(
         app,

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify
 
 from gateway.config import SERVICE_NAME, VERSION
-from gateway.limits import storage_reachable
 
 bp = Blueprint("health", __name__)
 
@@ -24,13 +23,17 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
+    """Ready means "this process can serve": only draining makes it 503.
+
+    A rate-limit storage outage is reported, not failed: every replica shares one Redis,
+    so failing readiness on it would empty the Service while each pod could still serve
+    (the limiter holds limits per process meanwhile). Nothing here waits on the network.
+    """
     draining = current_app.extensions["gateway.draining"].is_set()
-    storage_ok = storage_reachable(current_app.extensions["gateway.limiter"])
     checks = {
         "config": "ok",
-        "rate_limit_storage": "ok" if storage_ok else "unreachable",
+        "rate_limit_storage": current_app.extensions["gateway.limit_storage"].description,
         "shutdown": "draining" if draining else "no",
     }
-    is_ready = storage_ok and not draining
-    status = 200 if is_ready else 503
-    return jsonify(status="ready" if is_ready else "not_ready", checks=checks), status
+    status = 503 if draining else 200
+    return jsonify(status="not_ready" if draining else "ready", checks=checks), status

@@ -4,10 +4,16 @@ The limit is one shared application limit keyed by the caller's key id, so every
 counts against the same budget. It is exact for the deployment as long as all processes
 share one storage: memory:// inside one worker process, redis:// across workers and pods.
 The default strategy is moving-window, whose check-and-take is atomic in both storages.
+
+A storage outage costs the limit, never an answer: flask-limiter then counts in this
+process's memory (each process holds the limit on its own) and checks the storage again
+with a backoff of up to 32 s; every storage call, including the header step, is inside
+that fail-open path, and each change of state is one log line, not one per request.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -15,8 +21,10 @@ import time
 from flask import Flask, Response, g
 from flask_limiter import Limiter
 from limits.storage import MemoryStorage
+from loguru import logger
 
 from gateway.config import Settings
+from gateway.metrics import GatewayMetrics
 
 
 class GatewayMemoryStorage(MemoryStorage):
@@ -49,7 +57,7 @@ def _is_anonymous() -> bool:
     return getattr(g, "caller", None) is None
 
 
-def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
+def init_rate_limits(app: Flask, settings: Settings, metrics: GatewayMetrics) -> Limiter:
     """Attach a limiter to `app`. Call after the key check is registered: auth runs first."""
     limit = f"{settings.rate_limit_per_minute} per 1 minute"
     limiter = Limiter(
@@ -61,14 +69,58 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         strategy=settings.rate_limit_strategy,
         key_prefix="ai-gateway",
         headers_enabled=False,
-        # Fail open: a storage outage costs the limit, not the service; /ready reports it.
+        # Fail open: a storage outage costs the limit (held per process meanwhile), never
+        # an answer; /ready and gateway_rate_limit_storage_up report it.
         swallow_errors=True,
+        in_memory_fallback_enabled=True,
         enabled=settings.rate_limit_per_minute > 0,
     )
     limiter.init_app(app)
+    logging.getLogger("flask-limiter").addFilter(_no_traceback)
+    state = StorageState(limiter, metrics)
     app.extensions["gateway.limiter"] = limiter
-    app.after_request(lambda response: _add_headers(limiter, response))
+    app.extensions["gateway.limit_storage"] = state
+    app.after_request(lambda response: _add_headers(limiter, state, response))
     return limiter
+
+
+class StorageState:
+    """Whether the limit storage answers, as the limiter last found it (never a new query).
+
+    A probe must not wait for a Redis that stopped answering; the limiter learns the state
+    on every request, and the gauge follows it.
+    """
+
+    def __init__(self, limiter: Limiter, metrics: GatewayMetrics) -> None:
+        self._limiter = limiter
+        self._gauge = metrics.rate_limit_storage_up
+        self._gauge.set(1)
+        self._up = True
+
+    @property
+    def description(self) -> str:
+        if not self._limiter.enabled:
+            return "disabled"
+        return "ok" if self.observe() else "unreachable (limits held per process)"
+
+    def observe(self) -> bool:
+        # flask-limiter's own flag: set when it falls back to memory, cleared on recovery.
+        up = not getattr(self._limiter, "_storage_dead", False)
+        if up != self._up:
+            self._up = up
+            self._gauge.set(1 if up else 0)
+        return up
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    """flask-limiter logs a swallowed storage error with its traceback, request after
+    request; one line naming the error says as much."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {type(record.exc_info[1]).__name__}"
+        record.args = None
+        record.exc_info = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def _storage_uri(uri: str) -> str:
@@ -83,15 +135,22 @@ def _storage_options(uri: str) -> dict[str, str | int]:
     return {}
 
 
-def _add_headers(limiter: Limiter, response: Response) -> Response:
+def _add_headers(limiter: Limiter, state: StorageState, response: Response) -> Response:
     current = limiter.current_limit if limiter.enabled else None
+    state.observe()
     if current is None:
         return response
+    try:
+        # The window is read from the storage: it may have gone since the check.
+        window = current.window
+    except Exception as exc:  # noqa: BLE001 - any storage failure: answer without headers
+        logger.debug("rate limit headers skipped: {}", type(exc).__name__)
+        return response
     # window.reset_time, not reset_at: flask-limiter rounds the latter up a whole second.
-    reset_in = max(0.0, current.window.reset_time - time.time())
+    reset_in = max(0.0, window.reset_time - time.time())
     headers = response.headers
     headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
-    headers["x-ratelimit-remaining-requests"] = str(current.remaining)
+    headers["x-ratelimit-remaining-requests"] = str(window.remaining)
     headers["x-ratelimit-reset-requests"] = openai_duration(reset_in)
     # A relayed provider 429 keeps the provider's own Retry-After.
     if response.status_code == 429 and "Retry-After" not in headers:
@@ -105,12 +164,3 @@ def openai_duration(seconds: float) -> str:
         return f"{int(seconds * 1000)}ms"
     minutes, secs = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-def storage_reachable(limiter: Limiter) -> bool:
-    if not limiter.enabled:
-        return True
-    try:
-        return bool(limiter.storage.check())
-    except Exception:  # noqa: BLE001 - any storage failure means "not ready"
-        return False

@@ -74,6 +74,12 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.rate_limit_storage_up = Gauge(
+            "gateway_rate_limit_storage_up",
+            "1 while the rate-limit storage answers; 0 while limits are held per process",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.tokens = Counter(
             "gateway_tokens", "Tokens reported by the upstream", ["kind"], registry=r
         )

@@ -137,8 +137,14 @@ def gateway(
     factory.stop_all()
 
 
+@dataclass
+class RedisServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_server() -> Iterator[RedisServer]:
     """A private redis-server on a free loopback port (installed by `make test`)."""
     server = shutil.which("redis-server")
     if server is None:
@@ -149,11 +155,16 @@ def redis_url() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
     wait_for_port(port, process)
-    yield url
-    process.terminate()
+    yield RedisServer(f"redis://127.0.0.1:{port}/0", process)
+    if process.poll() is None:
+        process.terminate()
     process.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from tests.constants import GATEWAY_KEY, SECOND_GATEWAY_KEY
-from tests.e2e.conftest import Gateway, GatewayFactory
+from tests.e2e.conftest import Gateway, GatewayFactory, RedisServer
 
 
 def burst(gateways: list[Gateway], total: int, key: str = GATEWAY_KEY) -> Counter[int]:
@@ -88,13 +88,45 @@ def test_memory_storage_with_several_workers_is_refused(start_gateway: GatewayFa
         raise AssertionError("gunicorn started with memory:// and two workers")
 
 
-def test_ready_is_503_when_redis_is_unreachable(start_gateway: GatewayFactory) -> None:
-    from tests.e2e.conftest import free_port
-
-    gateway = start_gateway(RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{free_port()}/0")
-    ready = requests.get(gateway.url + "/ready", timeout=10)
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["rate_limit_storage"] == "unreachable"
-    # Failing open: the limit is lost while Redis is down, the service is not.
+def test_redis_dying_under_load_costs_the_limit_never_an_answer(
+    start_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    gateway = start_gateway(
+        RATE_LIMIT_REQUESTS_PER_MINUTE="100000",
+        RATE_LIMIT_STORAGE_URI=redis_server.url,
+        GUNICORN_THREADS="16",
+        LOG_LEVEL="INFO",
+    )
     headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
-    assert requests.get(gateway.url + "/v1/models", headers=headers, timeout=10).status_code == 200
+    body = {"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}]}
+    stop = time.monotonic() + 6
+
+    def load(_: int) -> list[requests.Response]:
+        answers = []
+        with requests.Session() as session:
+            while time.monotonic() < stop and len(answers) < 2000:
+                url = gateway.url + "/v1/chat/completions"
+                answers.append(session.post(url, json=body, headers=headers, timeout=30))
+        return answers
+
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(load, i) for i in range(8)]
+        time.sleep(2)
+        log_before_kill = len(gateway.logs().splitlines())
+        redis_server.process.kill()  # mid-load, no goodbye
+        redis_server.process.wait(10)
+        time.sleep(1)
+        ready = requests.get(gateway.url + "/ready", timeout=5)
+        answers = [a for future in running for a in future.result(timeout=60)]
+
+    statuses = Counter(a.status_code for a in answers)
+    assert statuses[200] == len(answers) > 100, statuses  # every answered request delivered
+    assert all(a.json()["choices"] for a in answers)
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["rate_limit_storage"].startswith("unreachable")
+    scraped = requests.get(gateway.url + "/metrics", timeout=5).text
+    assert "gateway_rate_limit_storage_up 0.0" in scraped
+    after_kill = gateway.logs().splitlines()[log_before_kill:]
+    not_access = [line for line in after_kill if '"event":"access"' not in line]
+    assert len(not_access) <= 20, not_access[:5]  # one line per state change, not per request
+    assert "Traceback" not in gateway.logs()
