@@ -55,6 +55,35 @@ def test_model_that_is_not_a_string_is_400_on_param_model(
     assert error["param"] == "model"
 
 
+@pytest.mark.parametrize("stream", ["yes", 1, {"on": True}])
+def test_stream_that_is_not_a_boolean_is_400_on_param_stream(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, stream: object
+) -> None:
+    response = client.post(CHAT, json={"model": "qwen-plus", "stream": stream}, headers=auth)
+
+    error = assert_openai_error(response, 400, "invalid_type")
+    assert error["param"] == "stream"
+    assert len(upstream.calls) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "qwen-plus", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": "qwen-plus"} trailing',
+        b'{"model": "qwen-plus", "messages": [1, 2,]}',
+    ],
+    ids=["nested-100k-deep", "trailing-bytes", "broken-inside-a-skipped-value"],
+)
+def test_bodies_that_are_not_one_json_object_are_400(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, body: bytes
+) -> None:
+    headers = {**auth, "Content-Type": "application/json"}
+
+    assert_openai_error(client.post(CHAT, data=body, headers=headers), 400, "invalid_json")
+    assert len(upstream.calls) == 0
+
+
 def test_unknown_route_is_404(client: FlaskClient) -> None:
     error = assert_openai_error(client.get("/v2/chat/completions"), 404, "not_found")
 
