@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -38,6 +40,9 @@ class GatewayThreadWorker(ThreadWorker):
 def write_openai_error(sock: socket.socket, status_int: int, reason: str, mesg: Any) -> None:
     """gunicorn's `util.write_error`, with the gateway's error body instead of HTML."""
     body = orjson.dumps(error_body(status_int, str(mesg) or reason))
+    # gunicorn keeps "Bad Request" when it changes the status (501 for a transfer coding).
+    with contextlib.suppress(ValueError):
+        reason = HTTPStatus(status_int).phrase
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\n"
         "Connection: close\r\n"

@@ -44,6 +44,15 @@ def test_malformed_port_stops_gunicorn_with_one_line() -> None:
     assert_one_line_error(result, "PORT")
 
 
+def test_a_provider_key_that_cannot_be_sent_stops_gunicorn_with_one_line() -> None:
+    # A curly quote pasted from a document: every request would have failed with a 400.
+    pasted = UPSTREAM_KEY + "\u201d"
+    result = run_start_command(START_COMMAND, TARGET_API_KEY=pasted)
+    assert_one_line_error(result, "TARGET_API_KEY")
+    assert "U+201D" in result.stderr
+    assert UPSTREAM_KEY not in result.stderr + result.stdout
+
+
 def test_missing_gateway_keys_stops_the_dev_server_with_one_line() -> None:
     result = run_start_command([sys.executable, "app.py"], GATEWAY_API_KEYS="<unset>")
     assert_one_line_error(result, "GATEWAY_API_KEYS")
@@ -151,6 +160,20 @@ def test_requests_gunicorn_rejects_get_openai_shaped_errors(gateway: Gateway) ->
         while chunk := raw.recv(4096):
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"application/json" in head
     assert orjson.loads(body)["error"]["message"]
+
+
+def test_gunicorns_own_rejections_carry_their_statuss_reason_phrase(gateway: Gateway) -> None:
+    # gunicorn answers an unsupported transfer coding with 501 but says "Bad Request".
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), 10) as raw:
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br\r\n\r\n"
+        )
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), answer[:100]
+    assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
