@@ -44,9 +44,9 @@ def finish_response(response: Response) -> Response:
     caller = g.get("caller")
     record.key_id = caller.key_id if caller is not None else None
     metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
-    if response.is_streamed:
+    if record.event_stream:
         metrics.streams_in_flight.inc()
-    response.call_on_close(partial(_complete, record, metrics, response.is_streamed))
+    response.call_on_close(partial(_complete, record, metrics, record.event_stream))
     return response
 
 

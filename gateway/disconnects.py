@@ -1,30 +1,51 @@
-"""Noticing, at once, a client that leaves a stream while the provider is silent.
+"""Ending a provider exchange from outside its thread: the client left, or time ran out.
 
-A request thread relaying a stream spends its time blocked reading from the provider. If
-the client leaves while a reasoning model thinks for minutes, nothing is written, so
-nothing fails: the provider would go on generating (and billing) until its next chunk,
-and even then the first write after the client left still succeeds. One watcher thread per
-worker process waits for end-of-file on the client sockets of the streams in flight and
-calls back, and the stream shuts its upstream socket down, which ends the blocked read.
+A request thread spends its time blocked on the provider: sending, waiting for the headers,
+reading the body. If the client leaves meanwhile, nothing the thread does fails (the first
+write after a client left even succeeds), so the provider would go on generating (and
+billing) until the answer is complete or `UPSTREAM_READ_TIMEOUT` ends it. And a provider
+that drips a non-streamed answer a byte at a time never trips the read timeout at all.
 
-Known limits: a client that half-closes its side (shutdown(SHUT_WR)) counts as gone, as
-with nginx; and a client that leaves before the provider's first byte is noticed at it.
+One watcher thread per worker process waits, with epoll, for end-of-file on the client
+sockets of the requests in flight, and keeps their deadlines. When either comes, it calls
+back with `CLIENT_GONE` or `DEADLINE`, and the exchange shuts its upstream socket down,
+which ends whatever the request thread was blocked on.
+
+Known limit: a client that half-closes its side (shutdown(SHUT_WR)) counts as gone, as
+with nginx.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import os
 import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from loguru import logger
 
 Unwatch = Callable[[], None]
+OnEnd = Callable[[str], None]
+CLIENT_GONE = "client_gone"
+DEADLINE = "deadline"
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+# The longest the thread sleeps: a deadline added while it sleeps is kept at most this late.
+_TICK_SECONDS = 0.5
+
+
+@dataclass
+class _Watch:
+    on_end: OnEnd
+    client: socket.socket | None
+    fd: int = -1
+    active: bool = True
 
 
 class DisconnectWatcher:
@@ -32,30 +53,44 @@ class DisconnectWatcher:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._epoll: select.epoll | None = None
-        self._watched: dict[int, tuple[socket.socket, Callable[[], None]]] = {}
+        self._by_fd: dict[int, _Watch] = {}
+        self._deadlines: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()
 
-    def watch(self, client: socket.socket, on_disconnect: Callable[[], None]) -> Unwatch:
-        """Call `on_disconnect` if `client` closes before the returned function is called.
+    def watch(
+        self, client: socket.socket | None, on_end: OnEnd, deadline: float | None = None
+    ) -> Unwatch:
+        """Call `on_end(reason)` once if `client` closes, or at `deadline` (time.monotonic()).
 
-        `on_disconnect` runs on the watcher thread, under the watcher's lock: it must be
+        A client that has already gone is reported before this returns, on this thread.
+        Otherwise `on_end` runs on the watcher thread, under the watcher's lock: it must be
         quick, and it never runs after the returned function has returned.
         """
         if isinstance(client, ssl.SSLSocket):  # peeking needs the plain socket
+            client = None
+        if client is not None and _peer_state(client) == "closed":
+            on_end(CLIENT_GONE)  # a request that queued while its client gave up
             return _nothing
-        fd = client.fileno()
+        if client is None and deadline is None:
+            return _nothing
+        entry = _Watch(on_end, client, client.fileno() if client is not None else -1)
         with self._lock:
             epoll = self._epoll_for_this_process()
-            epoll.register(fd, _EVENTS)
-            self._watched[fd] = (client, on_disconnect)
+            if client is not None:
+                epoll.register(entry.fd, _EVENTS)
+                self._by_fd[entry.fd] = entry
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, next(self._order), entry))
+        return lambda: self._unwatch(epoll, entry)
 
-        def unwatch() -> None:
-            with self._lock:
+    def _unwatch(self, epoll: select.epoll, entry: _Watch) -> None:
+        with self._lock:
+            entry.active = False
+            if self._by_fd.get(entry.fd) is entry:
+                del self._by_fd[entry.fd]
                 # OSError: the fd is already closed, and so already unregistered.
-                if self._watched.pop(fd, None) is not None:
-                    with contextlib.suppress(OSError):
-                        epoll.unregister(fd)
-
-        return unwatch
+                with contextlib.suppress(OSError):
+                    epoll.unregister(entry.fd)
 
     def close(self) -> None:
         """Stop watching (the thread ends when its epoll set is closed)."""
@@ -63,7 +98,8 @@ class DisconnectWatcher:
             if self._epoll is not None and self._pid == os.getpid():
                 self._epoll.close()
             self._epoll = None
-            self._watched = {}
+            self._by_fd = {}
+            self._deadlines = []
 
     def _epoll_for_this_process(self) -> select.epoll:
         # Made lazily by the process that uses it: gunicorn forks workers after loading the
@@ -73,7 +109,8 @@ class DisconnectWatcher:
                 self._epoll.close()  # the copy inherited from the parent
             self._epoll = select.epoll()
             self._pid = os.getpid()
-            self._watched = {}
+            self._by_fd = {}
+            self._deadlines = []
             thread = threading.Thread(
                 target=self._run, args=(self._epoll,), name="disconnect-watcher", daemon=True
             )
@@ -83,30 +120,55 @@ class DisconnectWatcher:
     def _run(self, epoll: select.epoll) -> None:
         while True:
             try:
-                events = epoll.poll()
+                events = epoll.poll(self._sleep_seconds())
             except (OSError, ValueError):  # closed by close()
                 return
             for fd, _ in events:
-                try:
-                    self._check(epoll, fd)
-                except Exception:  # noqa: BLE001 - one bad callback must not end the thread
-                    logger.opt(exception=True).error("disconnect watcher callback failed")
+                self._guarded(self._check, epoll, fd)
+            self._guarded(self._expire, time.monotonic())
+
+    @staticmethod
+    def _guarded(step: Callable[..., None], *args: object) -> None:
+        try:
+            step(*args)
+        except Exception:  # noqa: BLE001 - one bad callback must not end the thread
+            logger.opt(exception=True).error("disconnect watcher callback failed")
+
+    def _sleep_seconds(self) -> float:
+        with self._lock:
+            while self._deadlines and not self._deadlines[0][2].active:
+                heapq.heappop(self._deadlines)
+            if not self._deadlines:
+                return _TICK_SECONDS
+            return min(_TICK_SECONDS, max(0.0, self._deadlines[0][0] - time.monotonic()))
 
     def _check(self, epoll: select.epoll, fd: int) -> None:
         with self._lock:
-            watched = self._watched.get(fd)
-            if watched is None:
+            entry = self._by_fd.get(fd)
+            if entry is None or entry.client is None or not entry.active:
                 return
-            state = _peer_state(watched[0])
+            state = _peer_state(entry.client)
             if state == "closed":
-                del self._watched[fd]
+                del self._by_fd[fd]
                 with contextlib.suppress(OSError):
                     epoll.unregister(fd)
-                watched[1]()
+                self._end(entry, CLIENT_GONE)
             elif state == "idle":  # a false alarm: watch again
                 epoll.modify(fd, _EVENTS)
             # "data": the client sent more (a pipelined request); stop watching it rather
-            # than wake up for the same bytes again and again.
+            # than wake up for the same bytes again and again (its deadline still holds).
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, _, entry = heapq.heappop(self._deadlines)
+                if entry.active:
+                    self._end(entry, DEADLINE)
+
+    @staticmethod
+    def _end(entry: _Watch, reason: str) -> None:
+        entry.active = False
+        entry.on_end(reason)
 
 
 def _peer_state(client: socket.socket) -> str:

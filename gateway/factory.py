@@ -15,6 +15,7 @@ from gateway.config import Settings, load_settings
 from gateway.errors import register_error_handlers
 from gateway.limits import init_rate_limits
 from gateway.logs import configure_logging
+from gateway.memory import return_large_buffers_to_the_system
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import UpstreamClient
 
@@ -31,6 +32,7 @@ _EXPOSED_HEADERS = [
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings)
+    return_large_buffers_to_the_system()
     app = Flask("gateway", static_folder=None)
     # "/v1//chat/completions" is a 404 in the OpenAI shape, not Werkzeug's HTML redirect.
     app.url_map.merge_slashes = False

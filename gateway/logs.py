@@ -18,6 +18,7 @@ from gunicorn import glogging
 from loguru import logger
 
 from gateway.config import Settings
+from gateway.secrets import spellings
 
 # Set per request by gateway.access; streams run in the same thread, so it holds for them too.
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -55,8 +56,8 @@ def _add_request_id(record: Any) -> None:
 
 def _redactor(secrets: tuple[str, ...]) -> Callable[[str], str]:
     # Lines are redacted after JSON encoding, so also look for each secret as JSON spells it.
-    spellings = {form for s in secrets for form in (s, orjson.dumps(s).decode()[1:-1])}
-    ordered = sorted(spellings, key=len, reverse=True)
+    forms = {form for secret in secrets for form in spellings(secret)}
+    ordered = sorted(forms, key=len, reverse=True)
 
     def redact(text: str) -> str:
         for secret in ordered:

@@ -23,6 +23,8 @@ class RequestRecord:
     key_id: str | None = None
     model: str | None = None
     stream: bool = False
+    # The answer is an event stream being relayed (counted in gateway_streams_in_flight).
+    event_stream: bool = False
     status: int = 0
     upstream_status: int | None = None
     upstream_request_id: str | None = None

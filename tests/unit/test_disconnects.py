@@ -1,21 +1,48 @@
-"""The disconnect watcher, on real socket pairs."""
+"""The disconnect watcher, on real socket pairs: client EOF and deadlines."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
-from gateway.disconnects import DisconnectWatcher
+from gateway.disconnects import CLIENT_GONE, DEADLINE, DisconnectWatcher
+
+
+class Ended:
+    """Records the reasons a watch ended with, and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.event = threading.Event()
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.event.set()
 
 
 def test_closing_the_peer_calls_back() -> None:
     watcher = DisconnectWatcher()
     server, client = socket.socketpair()
-    gone = threading.Event()
+    ended = Ended()
     with server:
-        watcher.watch(server, gone.set)
+        watcher.watch(server, ended)
         client.close()
-        assert gone.wait(10)
+        assert ended.event.wait(10)
+    assert ended.reasons == [CLIENT_GONE]
+    watcher.close()
+
+
+def test_a_client_already_gone_is_reported_before_watch_returns() -> None:
+    # A request that queued while its client gave up must not be sent upstream at all.
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    client.close()
+    ended = Ended()
+    with server:
+        watcher.watch(server, ended)
+        assert ended.reasons == [CLIENT_GONE]  # synchronously, on this thread
+    watcher.close()
 
 
 def test_no_call_back_after_unwatch_or_while_the_peer_stays() -> None:
@@ -24,49 +51,78 @@ def test_no_call_back_after_unwatch_or_while_the_peer_stays() -> None:
     second, second_peer = socket.socketpair()
     called: list[str] = []
     with first, second, second_peer:
-        unwatch = watcher.watch(first, lambda: called.append("first"))
-        watcher.watch(second, lambda: called.append("second"))
+        unwatch = watcher.watch(first, lambda reason: called.append("first"))
+        watcher.watch(second, lambda reason: called.append("second"))
         unwatch()
         first_peer.close()
         # A third pair proves the watcher thread has run past the close above.
         third, third_peer = socket.socketpair()
-        done = threading.Event()
+        ended = Ended()
         with third:
-            watcher.watch(third, done.set)
+            watcher.watch(third, ended)
             third_peer.close()
-            assert done.wait(10)
-    assert called == []
+            assert ended.event.wait(10)
+        # Read before leaving the block, which closes second_peer (a real disconnect).
+        assert called == []
+    watcher.close()
 
 
 def test_data_from_the_client_is_not_a_disconnect() -> None:
     watcher = DisconnectWatcher()
     server, client = socket.socketpair()
-    called: list[bool] = []
+    called: list[str] = []
     with server, client:
-        watcher.watch(server, lambda: called.append(True))
+        watcher.watch(server, called.append)
         client.sendall(b"GET / HTTP/1.1\r\n")
         probe, probe_peer = socket.socketpair()
-        done = threading.Event()
+        ended = Ended()
         with probe:
-            watcher.watch(probe, done.set)
+            watcher.watch(probe, ended)
             probe_peer.close()
-            assert done.wait(10)
+            assert ended.event.wait(10)
     assert called == []
+    watcher.close()
+
+
+def test_a_deadline_calls_back_once_without_a_client() -> None:
+    watcher = DisconnectWatcher()
+    ended = Ended()
+    started = time.monotonic()
+    watcher.watch(None, ended, deadline=started + 0.3)
+    assert ended.event.wait(10)
+    assert time.monotonic() - started >= 0.3
+    time.sleep(0.6)  # a second tick must not call again
+    assert ended.reasons == [DEADLINE]
+    watcher.close()
+
+
+def test_a_deadline_that_was_unwatched_never_fires() -> None:
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    called: list[str] = []
+    with server, client:
+        unwatch = watcher.watch(server, called.append, deadline=time.monotonic() + 0.2)
+        unwatch()
+        later = Ended()
+        watcher.watch(None, later, deadline=time.monotonic() + 0.4)
+        assert later.event.wait(10)
+    assert called == []
+    watcher.close()
 
 
 def test_a_failing_callback_does_not_stop_the_watcher() -> None:
     watcher = DisconnectWatcher()
 
-    def fail() -> None:
-        raise AttributeError("no shutdown here")
+    def fail(reason: str) -> None:
+        raise AttributeError(f"no shutdown here ({reason})")
 
     first, first_peer = socket.socketpair()
     second, second_peer = socket.socketpair()
-    gone = threading.Event()
+    ended = Ended()
     with first, second:
         watcher.watch(first, fail)
         first_peer.close()
-        watcher.watch(second, gone.set)
+        watcher.watch(second, ended)
         second_peer.close()
-        assert gone.wait(10)
+        assert ended.event.wait(10)
     watcher.close()

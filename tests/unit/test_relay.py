@@ -295,3 +295,40 @@ def test_completions_and_embeddings_are_relayed(
     sent = upstream.calls[0].request
     assert sent.url == f"{UNIT_UPSTREAM}{path}"
     assert sent.body == body
+
+
+def test_an_answer_declared_longer_than_the_cap_is_a_502_before_any_byte(
+    make_app: MakeApp, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    upstream.post(UPSTREAM_CHAT, body=b"x" * 2048, content_type="application/json")
+    client = make_app(max_response_body_bytes=1024).test_client()
+
+    response = client.post(CHAT, json={"model": "qwen-plus"}, headers=auth)
+
+    assert_openai_error(response, 502, "upstream_unavailable")
+
+
+def test_a_long_answer_is_relayed_whole_as_it_arrives(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    long = b'{"data": "' + b"e" * (3 * 1024 * 1024) + b'", "usage": {"prompt_tokens": 3}}'
+    upstream.post(UPSTREAM_CHAT, body=long, content_type="application/json")
+
+    response = client.post(CHAT, json={"model": "qwen-plus"}, headers=auth)
+
+    assert response.is_streamed  # not read whole into memory first
+    assert response.data == long
+    assert "Content-Length" not in response.headers  # it may change: secrets are masked
+
+
+def test_an_echoed_provider_key_is_masked_in_a_relayed_error(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    echo = f'{{"error": {{"message": "Invalid key Bearer {UPSTREAM_KEY}"}}}}'
+    upstream.post(UPSTREAM_CHAT, status=401, body=echo, content_type="application/json")
+
+    response = client.post(CHAT, json={"model": "qwen-plus"}, headers=auth)
+
+    assert response.status_code == 401
+    assert UPSTREAM_KEY.encode() not in response.data
+    assert response.json["error"]["message"] == "Invalid key Bearer sk-...5f4e"
