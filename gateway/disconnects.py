@@ -45,6 +45,7 @@ class _Watch:
     on_end: OnEnd
     client: socket.socket | None
     fd: int = -1
+    deadline: float | None = None
     active: bool = True
 
 
@@ -55,6 +56,7 @@ class DisconnectWatcher:
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, _Watch] = {}
         self._deadlines: list[tuple[float, int, _Watch]] = []
+        self._stale = 0  # unwatched entries still in the heap
         self._order = itertools.count()
 
     def watch(
@@ -73,7 +75,7 @@ class DisconnectWatcher:
             return _nothing
         if client is None and deadline is None:
             return _nothing
-        entry = _Watch(on_end, client, client.fileno() if client is not None else -1)
+        entry = _Watch(on_end, client, client.fileno() if client is not None else -1, deadline)
         with self._lock:
             epoll = self._epoll_for_this_process()
             if client is not None:
@@ -85,12 +87,24 @@ class DisconnectWatcher:
 
     def _unwatch(self, epoll: select.epoll, entry: _Watch) -> None:
         with self._lock:
+            if entry.active and entry.deadline is not None:
+                self._forget_deadline()
             entry.active = False
             if self._by_fd.get(entry.fd) is entry:
                 del self._by_fd[entry.fd]
                 # OSError: the fd is already closed, and so already unregistered.
                 with contextlib.suppress(OSError):
                     epoll.unregister(entry.fd)
+
+    def _forget_deadline(self) -> None:
+        # Unwatched deadlines stay in the heap until they reach its top, 15 minutes later
+        # for a non-streamed answer: rebuild it once most of it is stale, or it would grow
+        # by one entry per request.
+        self._stale += 1
+        if self._stale > 64 and self._stale * 2 > len(self._deadlines):
+            self._deadlines = [item for item in self._deadlines if item[2].active]
+            heapq.heapify(self._deadlines)
+            self._stale = 0
 
     def close(self) -> None:
         """Stop watching (the thread ends when its epoll set is closed)."""
@@ -100,6 +114,7 @@ class DisconnectWatcher:
             self._epoll = None
             self._by_fd = {}
             self._deadlines = []
+            self._stale = 0
 
     def _epoll_for_this_process(self) -> select.epoll:
         # Made lazily by the process that uses it: gunicorn forks workers after loading the
@@ -111,6 +126,7 @@ class DisconnectWatcher:
             self._pid = os.getpid()
             self._by_fd = {}
             self._deadlines = []
+            self._stale = 0
             thread = threading.Thread(
                 target=self._run, args=(self._epoll,), name="disconnect-watcher", daemon=True
             )
@@ -138,6 +154,7 @@ class DisconnectWatcher:
         with self._lock:
             while self._deadlines and not self._deadlines[0][2].active:
                 heapq.heappop(self._deadlines)
+                self._stale = max(0, self._stale - 1)
             if not self._deadlines:
                 return _TICK_SECONDS
             return min(_TICK_SECONDS, max(0.0, self._deadlines[0][0] - time.monotonic()))

@@ -126,3 +126,14 @@ def test_a_failing_callback_does_not_stop_the_watcher() -> None:
         second_peer.close()
         assert ended.event.wait(10)
     watcher.close()
+
+
+def test_unwatched_deadlines_do_not_pile_up() -> None:
+    # A non-streamed request's deadline is 15 minutes away when it is unwatched; one kept
+    # per request until then would grow without bound under load.
+    watcher = DisconnectWatcher()
+    far = time.monotonic() + 900
+    for _ in range(10_000):
+        watcher.watch(None, lambda reason: None, deadline=far)()
+    assert len(watcher._deadlines) < 200
+    watcher.close()
