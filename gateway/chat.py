@@ -42,6 +42,7 @@ def _relay(path: str) -> Response:
         request.headers,
         body=body,
         query=request.query_string,
+        # gunicorn hands the client's socket to the app: watched for the client leaving.
         client_socket=request.environ.get("gunicorn.socket"),
     )
 

@@ -15,7 +15,12 @@ bp = Blueprint("models", __name__)
 @bp.get("/models")
 def list_models() -> Response:
     return upstream_for(None).relay(
-        "GET", "/models", g.record, request.headers, query=request.query_string
+        "GET",
+        "/models",
+        g.record,
+        request.headers,
+        query=request.query_string,
+        client_socket=request.environ.get("gunicorn.socket"),
     )
 
 
@@ -31,5 +36,10 @@ def retrieve_model(model_id: str) -> Response:
         )
     path = "/models/" + quote(model_id, safe="/:@")
     return upstream_for(model_id).relay(
-        "GET", path, g.record, request.headers, query=request.query_string
+        "GET",
+        path,
+        g.record,
+        request.headers,
+        query=request.query_string,
+        client_socket=request.environ.get("gunicorn.socket"),
     )
