@@ -55,6 +55,9 @@ ENVIRONMENT_VARIABLES = (
     "REQUESTS_CA_BUNDLE",
     "SSL_CERT_FILE",
     "PROMETHEUS_MULTIPROC_DIR",
+    "CLIENT_HEADER_TIMEOUT",
+    "CLIENT_WRITE_TIMEOUT",
+    "QUEUE_TIMEOUT",
 )
 
 
@@ -97,6 +100,16 @@ class Settings:
     )
     upstream_ca_bundle: str | None = None
     prometheus_multiproc_dir: str | None = None
+    # Capacity guards of the gunicorn worker (gateway/server/): see the README's "Capacity".
+    # A client gets this long to send a request's head; no thread waits for it meanwhile.
+    client_header_timeout: float = 10.0
+    # A client that accepts no byte of the answer for this long is dropped (and its stream's
+    # provider connection closed): long enough for a slow mobile link, short enough that a
+    # stalled reader frees its thread within a minute.
+    client_write_timeout: float = 60.0
+    # A complete request waits this long for a free thread, then gets a 503 with Retry-After:
+    # SDKs retry it (elsewhere, behind a load balancer) instead of hanging.
+    queue_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -113,6 +126,7 @@ class Settings:
 def _validate(s: Settings) -> None:
     _validate_upstream_and_keys(s)
     _validate_limits_and_server(s)
+    _validate_capacity(s)
 
 
 def _validate_upstream_and_keys(s: Settings) -> None:
@@ -169,6 +183,12 @@ def _validate_limits_and_server(s: Settings) -> None:
     )
 
 
+def _validate_capacity(s: Settings) -> None:
+    _require(s.client_header_timeout > 0, "CLIENT_HEADER_TIMEOUT must be > 0")
+    _require(s.client_write_timeout > 0, "CLIENT_WRITE_TIMEOUT must be > 0")
+    _require(s.queue_timeout > 0, "QUEUE_TIMEOUT must be > 0")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -204,6 +224,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         upstream_proxies=MappingProxyType(_proxies_for(target_api_url, env)),
         upstream_ca_bundle=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
         prometheus_multiproc_dir=_multiproc_dir(env, environ),
+        client_header_timeout=reader.number("CLIENT_HEADER_TIMEOUT", 10.0),
+        client_write_timeout=reader.number("CLIENT_WRITE_TIMEOUT", 60.0),
+        queue_timeout=reader.number("QUEUE_TIMEOUT", 5.0),
     )
 
 

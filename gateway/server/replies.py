@@ -1,0 +1,48 @@
+"""The answers the worker writes itself, all in the gateway's OpenAI error shape.
+
+gunicorn's rejections (400, 414, 431... through `util.write_error`), a head that took too
+long (408), a head too large (431) and a request no thread took in time (503).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from gunicorn import util
+
+from gateway.errors import error_body
+
+
+def error_reply(
+    status: int, reason: str, message: str, headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    """A complete HTTP/1.1 error response that closes the connection."""
+    body = orjson.dumps(error_body(status, message))
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        "Connection: close",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def write_openai_error(sock: socket.socket, status_int: int, reason: str, mesg: Any) -> None:
+    """gunicorn's `util.write_error`, with the gateway's error body instead of HTML."""
+    util.write_nonblock(sock, error_reply(status_int, reason, str(mesg) or reason))
+
+
+def send_now(sock: socket.socket, data: bytes) -> bool:
+    """Send without blocking; False if not all of it fit (the client is not reading).
+
+    The main loop must never wait on one client. Replies here are a few hundred bytes, which
+    an empty send buffer always takes.
+    """
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT) == len(data)
+    except OSError:
+        return False
