@@ -49,7 +49,7 @@ from gateway.server.replies import error_reply, send_now, write_openai_error
 # urllib3, ssl) needs well under 100 KiB; 512 KiB leaves margin while 2,048 threads
 # reserve 1 GiB of address space instead of 16 GiB at the 8 MiB default (only touched
 # pages cost RSS either way; see the README's "Capacity").
-THREAD_STACK_BYTES = 512 * 1024
+THREAD_STACK_BYTES = 1024 * 1024
 # One recv() of a head: most heads arrive whole; bytes past the head are handed on.
 _RECV_BYTES = 65536
 # Capacity frees as streams end; the SDKs retry a 503 after Retry-After seconds.
@@ -98,9 +98,11 @@ class GatewayThreadWorker(ThreadWorker):
         super().init_process()
 
     def get_thread_pool(self) -> futures.ThreadPoolExecutor:
-        # Process-wide, for threads started from now on: the pool's, started lazily.
+        # Process-wide, for threads started from now on: the pool's among them.
         threading.stack_size(THREAD_STACK_BYTES)
-        return super().get_thread_pool()
+        pool = super().get_thread_pool()
+        start_every_thread(pool, self.cfg.threads)
+        return pool
 
     def run(self) -> None:
         # The app is loaded by now (preload_app): its settings are the gateway's settings.
@@ -280,6 +282,22 @@ class GatewayThreadWorker(ThreadWorker):
                 self.settings.client_write_timeout,
             )
             return False
+
+
+def start_every_thread(pool: futures.ThreadPoolExecutor, count: int) -> None:
+    """Start all `count` threads of `pool` now, at boot, rather than one per request.
+
+    The executor starts a thread on a submit that finds none idle, and `Thread.start()`
+    waits until the new thread has run: in a burst of streams, with hundreds of threads
+    contending for the GIL, that wait stalled the main loop (accepts, heads, probes) for
+    seconds. Started at boot, the worker's memory is also its peak from the first second,
+    and a thread limit too low for GUNICORN_THREADS fails the boot, not a request.
+    """
+    # No task ends before all have started, so every submit finds no idle thread.
+    everyone = threading.Barrier(count)
+    started = [pool.submit(everyone.wait, 60) for _ in range(count)]
+    for future in started:
+        future.result(timeout=90)
 
 
 def _busy_reply(waited: float) -> bytes:
