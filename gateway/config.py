@@ -184,9 +184,13 @@ def _validate_limits_and_server(s: Settings) -> None:
 
 
 def _validate_capacity(s: Settings) -> None:
-    _require(s.client_header_timeout > 0, "CLIENT_HEADER_TIMEOUT must be > 0")
-    _require(s.client_write_timeout > 0, "CLIENT_WRITE_TIMEOUT must be > 0")
-    _require(s.queue_timeout > 0, "QUEUE_TIMEOUT must be > 0")
+    # Finite: they become socket timeouts and deadlines ("inf" would not be one).
+    for name, seconds in (
+        ("CLIENT_HEADER_TIMEOUT", s.client_header_timeout),
+        ("CLIENT_WRITE_TIMEOUT", s.client_write_timeout),
+        ("QUEUE_TIMEOUT", s.queue_timeout),
+    ):
+        _require(0 < seconds < float("inf"), f"{name} must be a number of seconds > 0")
 
 
 def _require(condition: bool, message: str) -> None:
