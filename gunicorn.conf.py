@@ -4,6 +4,8 @@ Values come from the same validated Settings as the app (gateway.config), so a b
 environment stops start-up here with one line on stderr, before any worker forks.
 """
 
+import contextlib
+import resource
 import signal
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,19 @@ from gateway.logs import configure_logging
 
 _settings = load_settings()
 configure_logging(_settings)
+
+
+def raise_open_files_limit() -> None:
+    """Thousands of streams need two descriptors each (client and upstream): lift the soft
+    open-files limit to the hard one, as Go programs do since Go 1.19 (many shells
+    start with a soft limit of 1,024). Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses an unlimited one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+raise_open_files_limit()
 
 bind = f"0.0.0.0:{_settings.port}"
 # gthread: one thread per in-flight request; a stream holds its thread until its last byte.
@@ -32,7 +47,8 @@ workers = _settings.gunicorn_workers
 # Default 256 (GUNICORN_THREADS), from bench/: 1,000 streams peak at 108 MB RSS with 256
 # threads vs 154 MB with 1,024, and one core saturates before 256 streams are open.
 threads = _settings.gunicorn_threads
-# Accepted connections may outnumber threads (idle keep-alives, queued requests).
+# Accepted connections may outnumber threads (idle keep-alives, heads being read, queued
+# requests); each stream also needs an upstream socket. See raise_open_files_limit below.
 worker_connections = max(1000, _settings.gunicorn_threads * 4)
 # Load the app once in the master: a config error fails before forking, workers share pages.
 preload_app = True

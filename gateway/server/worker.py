@@ -91,6 +91,8 @@ class GatewayThreadWorker(ThreadWorker):
         self.reading: dict[GatewayConn, None] = {}
         # Submitted requests, oldest first: (deadline to start, future, connection).
         self.waiting: deque[tuple[float, futures.Future[Any], GatewayConn]] = deque()
+        # Submitted and not finished (main loop only): more than `threads` means some wait.
+        self.in_flight = 0
 
     def init_process(self) -> None:
         # Only this worker process is affected: it answers every HTTP client through this.
@@ -120,7 +122,17 @@ class GatewayThreadWorker(ThreadWorker):
         try:
             client_sock, client_addr = listener.accept()
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors: gthread would crash, dropping every stream. Hold
+                # what is open and accept again only below it.
+                self.worker_connections = max(1, self.nr_conns - 1)
+                self.log.error(
+                    "out of file descriptors at %d connections: accepting at most %d; "
+                    "raise the open-files limit (ulimit -n)",
+                    self.nr_conns,
+                    self.worker_connections,
+                )
+            elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
         self.nr_conns += 1
@@ -230,10 +242,13 @@ class GatewayThreadWorker(ThreadWorker):
 
     def _submit(self, conn: GatewayConn) -> None:
         future = self.tpool.submit(self.handle, conn)
-        future.add_done_callback(
-            lambda done: self.method_queue.defer(self.finish_request, conn, done)
-        )
+        self.in_flight += 1
+        future.add_done_callback(lambda done: self.method_queue.defer(self._ended, conn, done))
         self.waiting.append((time.monotonic() + self.settings.queue_timeout, future, conn))
+
+    def _ended(self, conn: GatewayConn, done: futures.Future[Any]) -> None:
+        self.in_flight -= 1
+        self.finish_request(conn, done)
 
     def _expire_waiting(self, now: float) -> None:
         while self.waiting:
@@ -241,6 +256,10 @@ class GatewayThreadWorker(ThreadWorker):
             if not (future.running() or future.done()) and deadline > now:
                 return
             self.waiting.popleft()
+            # Not started, yet no more requests than threads: a thread is free and only the
+            # CPU is late (a burst of streams starting at once). That one is served.
+            if self.in_flight <= self.cfg.threads:
+                continue
             # cancel() only succeeds for work no thread has started; gthread's
             # finish_request then closes the connection (a cancelled future means "close").
             if future.cancel():
