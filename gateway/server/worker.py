@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent import futures
 from functools import partial
 from typing import Any
@@ -103,7 +104,7 @@ class GatewayThreadWorker(ThreadWorker):
         # Process-wide, for threads started from now on: the pool's among them.
         threading.stack_size(THREAD_STACK_BYTES)
         pool = super().get_thread_pool()
-        start_every_thread(pool, self.cfg.threads)
+        start_every_thread(pool, self.cfg.threads, alive=self.notify)
         return pool
 
     def run(self) -> None:
@@ -303,7 +304,9 @@ class GatewayThreadWorker(ThreadWorker):
             return False
 
 
-def start_every_thread(pool: futures.ThreadPoolExecutor, count: int) -> None:
+def start_every_thread(
+    pool: futures.ThreadPoolExecutor, count: int, alive: Callable[[], None] = lambda: None
+) -> None:
     """Start all `count` threads of `pool` now, at boot, rather than one per request.
 
     The executor starts a thread on a submit that finds none idle, and `Thread.start()`
@@ -311,12 +314,18 @@ def start_every_thread(pool: futures.ThreadPoolExecutor, count: int) -> None:
     contending for the GIL, that wait stalled the main loop (accepts, heads, probes) for
     seconds. Started at boot, the worker's memory is also its peak from the first second,
     and a thread limit too low for GUNICORN_THREADS fails the boot, not a request.
+    `alive` is called as threads start: on a loaded machine starting 2,048 threads can
+    take longer than the arbiter's heartbeat timeout.
     """
     # No task ends before all have started, so every submit finds no idle thread.
     everyone = threading.Barrier(count)
-    started = [pool.submit(everyone.wait, 60) for _ in range(count)]
+    started = []
+    for n in range(count):
+        started.append(pool.submit(everyone.wait, 120))
+        if n % 64 == 0:
+            alive()
     for future in started:
-        future.result(timeout=90)
+        future.result(timeout=180)
 
 
 def _busy_reply(waited: float) -> bytes:
