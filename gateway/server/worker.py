@@ -51,6 +51,8 @@ from gateway.server.replies import error_reply, send_now, write_openai_error
 # reserve 1 GiB of address space instead of 16 GiB at the 8 MiB default (only touched
 # pages cost RSS either way; see the README's "Capacity").
 THREAD_STACK_BYTES = 1024 * 1024
+# Connections accepted per poll at most, so that heads already read are not starved.
+_ACCEPT_BATCH = 64
 # One recv() of a head: most heads arrive whole; bytes past the head are handed on.
 _RECV_BYTES = 65536
 # Capacity frees as streams end; the SDKs retry a 503 after Retry-After seconds.
@@ -120,6 +122,13 @@ class GatewayThreadWorker(ThreadWorker):
                 listener.close()
 
     def accept(self, listener: socket.socket) -> None:
+        # Drain the backlog, not one connection per poll: under load every trip through
+        # the poller costs the main loop a wait for the GIL.
+        for _ in range(_ACCEPT_BATCH):
+            if self.nr_conns >= self.worker_connections or not self._accept_one(listener):
+                return
+
+    def _accept_one(self, listener: socket.socket) -> bool:
         try:
             client_sock, client_addr = listener.accept()
         except OSError as e:
@@ -135,9 +144,10 @@ class GatewayThreadWorker(ThreadWorker):
                 )
             elif e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
-            return
+            return False
         self.nr_conns += 1
         self.enqueue_req(GatewayConn(self, client_sock, client_addr, listener.getsockname()))
+        return True
 
     # -- heads, read on the main loop ---------------------------------------------------
 
@@ -154,23 +164,30 @@ class GatewayThreadWorker(ThreadWorker):
         if not self.alive:
             conn.head_deadline = min(conn.head_deadline, time.monotonic() + STOP_KEEPALIVE_LINGER)
         conn.sock.setblocking(False)
-        if not self._head_done(conn):
-            self.reading[conn] = None
-            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head, conn))
+        # Most clients send their request with the connection, and a kept-alive one is here
+        # because it is readable: read at once, and wait on the poller only for the rest.
+        if self._head_done(conn) or not self._receive(conn):
+            return
+        self.reading[conn] = None
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head, conn))
 
     def _on_head(self, conn: GatewayConn, _sock: socket.socket) -> None:
+        self._receive(conn)
+
+    def _receive(self, conn: GatewayConn) -> bool:
+        """Read what the client sent; True while its head is still incomplete."""
         try:
             data = conn.sock.recv(_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
-            return
+            return True
         except OSError:
             data = b""
         if not data:  # closed (or reset) before the request was complete
             self._stop_reading(conn)
             self._finish(conn, keep_alive=False)
-            return
+            return False
         conn.head += data
-        self._head_done(conn)
+        return not self._head_done(conn)
 
     def _head_done(self, conn: GatewayConn) -> bool:
         state = head_state(conn.head, self.max_head)
