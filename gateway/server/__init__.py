@@ -3,6 +3,7 @@
 - `worker.py`: `GatewayThreadWorker`, gunicorn's `ThreadWorker` with the guards wired in.
 - `heads.py`: when a request head read on the main loop is complete, and how large it may be.
 - `replies.py`: the OpenAI-shaped error answers the worker writes itself.
+- `threads.py`: the request threads (stack size, started at boot).
 - `probes.py`: answering `/health` and `/ready` on the main loop, through the app.
 - `lingering.py`: closing client sockets gracefully without blocking the main loop.
 

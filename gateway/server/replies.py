@@ -31,6 +31,21 @@ def error_reply(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+# Capacity frees as streams end; the SDKs retry a 503 after Retry-After seconds.
+RETRY_AFTER_SECONDS = 1
+
+
+def busy_reply(waited: float) -> bytes:
+    """The 503 for a request that no thread took within `waited` seconds."""
+    message = (
+        f"The gateway is at capacity: no request thread became free within {waited:g} s. "
+        "Retry after Retry-After seconds."
+    )
+    return error_reply(
+        503, "Service Unavailable", message, [("Retry-After", str(RETRY_AFTER_SECONDS))]
+    )
+
+
 def write_openai_error(sock: socket.socket, status_int: int, reason: str, mesg: Any) -> None:
     """gunicorn's `util.write_error`, with the gateway's error body instead of HTML."""
     util.write_nonblock(sock, error_reply(status_int, reason, str(mesg) or reason))

@@ -28,10 +28,8 @@ import contextlib
 import errno
 import selectors
 import socket
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent import futures
 from functools import partial
 from typing import Any
@@ -44,19 +42,13 @@ from gateway.config import Settings
 from gateway.server.heads import Head, head_state, is_inline_probe, max_head_bytes
 from gateway.server.lingering import Lingering
 from gateway.server.probes import render_probe
-from gateway.server.replies import error_reply, send_now, write_openai_error
+from gateway.server.replies import busy_reply, error_reply, send_now, write_openai_error
+from gateway.server.threads import thread_pool
 
-# Stack of each request thread. A relay's deepest path (Flask, flask-limiter, requests,
-# urllib3, ssl) needs well under 100 KiB; 512 KiB leaves margin while 2,048 threads
-# reserve 1 GiB of address space instead of 16 GiB at the 8 MiB default (only touched
-# pages cost RSS either way; see the README's "Capacity").
-THREAD_STACK_BYTES = 1024 * 1024
 # Connections accepted per poll at most, so that heads already read are not starved.
 _ACCEPT_BATCH = 64
 # One recv() of a head: most heads arrive whole; bytes past the head are handed on.
 _RECV_BYTES = 65536
-# Capacity frees as streams end; the SDKs retry a 503 after Retry-After seconds.
-RETRY_AFTER_SECONDS = 1
 
 
 class GatewayConn(TConn):
@@ -103,11 +95,7 @@ class GatewayThreadWorker(ThreadWorker):
         super().init_process()
 
     def get_thread_pool(self) -> futures.ThreadPoolExecutor:
-        # Process-wide, for threads started from now on: the pool's among them.
-        threading.stack_size(THREAD_STACK_BYTES)
-        pool = super().get_thread_pool()
-        start_every_thread(pool, self.cfg.threads, alive=self.notify)
-        return pool
+        return thread_pool(self.cfg.threads, alive=self.notify)
 
     def run(self) -> None:
         # The app is loaded by now (preload_app): its settings are the gateway's settings.
@@ -286,7 +274,7 @@ class GatewayThreadWorker(ThreadWorker):
                     self.settings.queue_timeout,
                     conn.client,
                 )
-                send_now(conn.sock, _busy_reply(self.settings.queue_timeout))
+                send_now(conn.sock, busy_reply(self.settings.queue_timeout))
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -319,36 +307,3 @@ class GatewayThreadWorker(ThreadWorker):
                 self.settings.client_write_timeout,
             )
             return False
-
-
-def start_every_thread(
-    pool: futures.ThreadPoolExecutor, count: int, alive: Callable[[], None] = lambda: None
-) -> None:
-    """Start all `count` threads of `pool` now, at boot, rather than one per request.
-
-    The executor starts a thread on a submit that finds none idle, and `Thread.start()`
-    waits until the new thread has run: in a burst of streams, with hundreds of threads
-    contending for the GIL, that wait stalled the main loop (accepts, heads, probes) for
-    seconds. Started at boot, the worker's memory is also its peak from the first second,
-    and a thread limit too low for GUNICORN_THREADS fails the boot, not a request.
-    `alive` is called as threads start: on a loaded machine starting 2,048 threads can
-    take longer than the arbiter's heartbeat timeout.
-    """
-    # No task ends before all have started, so every submit finds no idle thread.
-    everyone = threading.Barrier(count)
-    started = []
-    for n in range(count):
-        started.append(pool.submit(everyone.wait, 120))
-        if n % 64 == 0:
-            alive()
-    for future in started:
-        future.result(timeout=180)
-
-
-def _busy_reply(waited: float) -> bytes:
-    message = (
-        f"The gateway is at capacity: no request thread became free within {waited:g} s. "
-        "Retry after Retry-After seconds."
-    )
-    headers = [("Retry-After", str(RETRY_AFTER_SECONDS))]
-    return error_reply(503, "Service Unavailable", message, headers)

@@ -23,7 +23,7 @@ from gateway.errors import error_body
 from gateway.server.heads import Head, head_state, is_inline_probe, max_head_bytes
 from gateway.server.lingering import Lingering
 from gateway.server.replies import error_reply
-from gateway.server.worker import THREAD_STACK_BYTES, start_every_thread
+from gateway.server.threads import THREAD_STACK_BYTES, start_every_thread
 from tests.constants import GATEWAY_KEY, UPSTREAM_KEY
 
 REQUIRED = {"ENV_FILE": "", "TARGET_API_KEY": UPSTREAM_KEY, "GATEWAY_API_KEYS": GATEWAY_KEY}
