@@ -35,7 +35,8 @@ def test_no_call_back_after_unwatch_or_while_the_peer_stays() -> None:
             watcher.watch(third, done.set)
             third_peer.close()
             assert done.wait(10)
-    assert called == []
+        # Inside the block: leaving it closes second_peer, which is a disconnect.
+        assert called == []
 
 
 def test_data_from_the_client_is_not_a_disconnect() -> None:
