@@ -88,6 +88,9 @@ class GatewayThreadWorker(ThreadWorker):
         self.waiting: deque[tuple[float, futures.Future[Any], GatewayConn]] = deque()
         # Submitted and not finished (main loop only): more than `threads` means some wait.
         self.in_flight = 0
+        # 503s answered since the last log line about them, and when that line was.
+        self.refused = 0
+        self.refused_logged_at = 0.0
 
     def init_process(self) -> None:
         # Only this worker process is affected: it answers every HTTP client through this.
@@ -269,12 +272,20 @@ class GatewayThreadWorker(ThreadWorker):
             # cancel() only succeeds for work no thread has started; gthread's
             # finish_request then closes the connection (a cancelled future means "close").
             if future.cancel():
-                self.log.warning(
-                    "no free thread for %.3g s: answered 503 to %s",
-                    self.settings.queue_timeout,
-                    conn.client,
-                )
                 send_now(conn.sock, busy_reply(self.settings.queue_timeout))
+                self.refused += 1
+
+    def _log_refusals(self, now: float) -> None:
+        # One line a second at most: under overload, a line per refusal would have the
+        # main loop wait on the log sink (and on the GIL behind the threads writing to it).
+        if self.refused and now - self.refused_logged_at >= 1.0:
+            self.log.warning(
+                "no free thread for %.3g s: answered 503 to %d request(s)",
+                self.settings.queue_timeout,
+                self.refused,
+            )
+            self.refused = 0
+            self.refused_logged_at = now
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -284,6 +295,7 @@ class GatewayThreadWorker(ThreadWorker):
         self._expire_heads(now)
         self._expire_waiting(now)
         self.lingering.expire(now)
+        self._log_refusals(now)
 
     def _until_next_deadline(self) -> float:
         deadlines = [self.lingering.next_deadline()]
