@@ -45,7 +45,7 @@ worker_class = "gateway.server.GatewayThreadWorker"
 workers = _settings.gunicorn_workers
 # Threads cap the streams a worker serves at once; beyond them a request waits up to
 # QUEUE_TIMEOUT, then gets a 503. Default 2,048 (GUNICORN_THREADS): measured, 2,000
-# concurrent 10 s streams all complete with a peak RSS of 117-146 MB (76 MB idle: the
+# concurrent 10 s streams all complete with a peak RSS of 126-150 MB (76 MB idle: the
 # threads start at boot, ~19 KB each), where 256 threads shed three quarters of them.
 threads = _settings.gunicorn_threads
 # Accepted connections may outnumber threads (idle keep-alives, heads being read, queued
