@@ -11,8 +11,9 @@ On top of that, this worker:
    connection, and as long as a dripper likes).
 2. Answers GET /health and GET /ready on the main loop (see probes.py): they never queue
    behind busy threads.
-3. Bounds the queue: a request no thread has started after QUEUE_TIMEOUT is cancelled and
-   answered 503 with Retry-After, instead of waiting without bound.
+3. Bounds the queue: while more requests are in flight than threads, one that no thread
+   has started after QUEUE_TIMEOUT is cancelled and answered 503 with Retry-After,
+   instead of waiting without bound. Threads start at boot (threads.py).
 4. Bounds every blocking socket operation of a request thread by CLIENT_WRITE_TIMEOUT: a
    stream client that stops reading is dropped, and closing the response closes the
    provider connection (StreamRelay.close).
