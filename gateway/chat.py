@@ -7,7 +7,7 @@ from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from gateway.errors import GatewayError
-from gateway.upstream import upstream_for
+from gateway.upstream import Client, upstream_for
 
 bp = Blueprint("chat", __name__)
 
@@ -43,7 +43,7 @@ def _relay(path: str) -> Response:
         body=body,
         query=request.query_string,
         # gunicorn hands the client's socket to the app: watched for the client leaving.
-        client_socket=request.environ.get("gunicorn.socket"),
+        client=Client.of(request.environ),
     )
 
 
@@ -92,7 +92,7 @@ def parse_head(body: bytes) -> RequestHead:
         head = _HEAD_DECODER.decode(body)
     except msgspec.ValidationError as exc:
         raise _invalid_field(str(exc)) from None
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise GatewayError(
             400,
             "We could not parse the JSON body of your request. Send a JSON object with "

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests.utils
 from dotenv import dotenv_values
@@ -57,6 +57,9 @@ ENVIRONMENT_VARIABLES = (
     "REQUESTS_CA_BUNDLE",
     "SSL_CERT_FILE",
     "PROMETHEUS_MULTIPROC_DIR",
+    "CLIENT_HEADER_TIMEOUT",
+    "CLIENT_WRITE_TIMEOUT",
+    "QUEUE_TIMEOUT",
 )
 
 
@@ -95,7 +98,9 @@ class Settings:
     # The most (decoded) bytes relayed for one answer: 1 MB of gzip can inflate to 1 GB.
     max_response_body_bytes: int = 256 * 1024 * 1024
     gunicorn_workers: int = 1
-    gunicorn_threads: int = 256
+    # Threads per worker = streams it serves at once (a stream holds its thread). 2,048: a
+    # fresh start holds 2,000 open streams; idle threads cost ~19 KB each (see README).
+    gunicorn_threads: int = 2048
     # Proxies for the upstream URL, resolved once from HTTPS_PROXY/NO_PROXY at start-up.
     # repr=False: a proxy URL may carry a password.
     upstream_proxies: Mapping[str, str] = field(
@@ -103,6 +108,16 @@ class Settings:
     )
     upstream_ca_bundle: str | None = None
     prometheus_multiproc_dir: str | None = None
+    # Capacity guards of the gunicorn worker (gateway/server/): see the README's "Capacity".
+    # A client gets this long to send a request's head; no thread waits for it meanwhile.
+    client_header_timeout: float = 10.0
+    # A client that accepts no byte of the answer for this long is dropped (and its stream's
+    # provider connection closed): long enough for a slow mobile link, short enough that a
+    # stalled reader frees its thread within a minute.
+    client_write_timeout: float = 60.0
+    # A complete request waits this long for a free thread, then gets a 503 with Retry-After:
+    # SDKs retry it (elsewhere, behind a load balancer) instead of hanging.
+    queue_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -112,19 +127,24 @@ class Settings:
         """Every value that must never appear in a log line or an error message."""
         found = [self.target_api_key, *self.gateway_api_keys]
         for uri in (self.rate_limit_storage_uri, *self.upstream_proxies.values()):
-            found.append(urlsplit(uri).password or "")
+            password = urlsplit(uri).password or ""
+            found.extend((password, unquote(password)))
         return tuple(s for s in found if s)
 
     @property
     def upstream_secrets(self) -> tuple[str, ...]:
         """The secrets a provider (or the proxy in front of it) could echo back to a client."""
-        proxy_passwords = (urlsplit(uri).password for uri in self.upstream_proxies.values())
+        # Unquoted: the proxy receives (and could echo) the decoded password.
+        proxy_passwords = (
+            unquote(urlsplit(uri).password or "") for uri in self.upstream_proxies.values()
+        )
         return tuple(s for s in (self.target_api_key, *proxy_passwords) if s)
 
 
 def _validate(s: Settings) -> None:
     _validate_upstream_and_keys(s)
     _validate_limits_and_server(s)
+    _validate_capacity(s)
 
 
 def _validate_upstream_and_keys(s: Settings) -> None:
@@ -146,7 +166,9 @@ def _validate_upstream_and_keys(s: Settings) -> None:
     _require(not url.query and not url.fragment, "TARGET_API_URL must not have a ?query or #")
     _require(s.upstream_connect_timeout > 0, "UPSTREAM_CONNECT_TIMEOUT must be > 0")
     _require(s.upstream_read_timeout > 0, "UPSTREAM_READ_TIMEOUT must be > 0")
-    _require(s.upstream_total_timeout > 0, "UPSTREAM_TOTAL_TIMEOUT must be > 0")
+    _require(
+        0 < s.upstream_total_timeout < float("inf"), "UPSTREAM_TOTAL_TIMEOUT must be finite and > 0"
+    )
 
 
 def _validate_limits_and_server(s: Settings) -> None:
@@ -201,6 +223,16 @@ def _require_header_safe(name: str, keys: tuple[str, ...]) -> None:
                 )
 
 
+def _validate_capacity(s: Settings) -> None:
+    # Finite: they become socket timeouts and deadlines ("inf" would not be one).
+    for name, seconds in (
+        ("CLIENT_HEADER_TIMEOUT", s.client_header_timeout),
+        ("CLIENT_WRITE_TIMEOUT", s.client_write_timeout),
+        ("QUEUE_TIMEOUT", s.queue_timeout),
+    ):
+        _require(0 < seconds < float("inf"), f"{name} must be a number of seconds > 0")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -234,10 +266,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_request_body_bytes=reader.integer("MAX_REQUEST_BODY_BYTES", 10 * 1024 * 1024),
         max_response_body_bytes=reader.integer("MAX_RESPONSE_BODY_BYTES", 256 * 1024 * 1024),
         gunicorn_workers=workers,
-        gunicorn_threads=reader.integer("GUNICORN_THREADS", 256),
+        gunicorn_threads=reader.integer("GUNICORN_THREADS", 2048),
         upstream_proxies=MappingProxyType(_proxies_for(target_api_url, env)),
         upstream_ca_bundle=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
         prometheus_multiproc_dir=_multiproc_dir(env, environ),
+        client_header_timeout=reader.number("CLIENT_HEADER_TIMEOUT", 10.0),
+        client_write_timeout=reader.number("CLIENT_WRITE_TIMEOUT", 60.0),
+        queue_timeout=reader.number("QUEUE_TIMEOUT", 5.0),
     )
 
 

@@ -189,6 +189,12 @@ class DisconnectWatcher:
 
 
 def _peer_state(client: socket.socket) -> str:
+    # Poll first: on a socket with a timeout (the worker's write timeout), Python waits for
+    # readability before recv() even with MSG_DONTWAIT, which would hold the request here.
+    poller = select.poll()
+    poller.register(client.fileno(), select.POLLIN | select.POLLRDHUP)
+    if not poller.poll(0):
+        return "idle"
     try:
         peeked = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:

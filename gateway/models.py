@@ -7,7 +7,7 @@ from urllib.parse import quote
 from flask import Blueprint, Response, g, request
 
 from gateway.errors import GatewayError
-from gateway.upstream import upstream_for
+from gateway.upstream import Client, upstream_for
 
 bp = Blueprint("models", __name__)
 
@@ -20,7 +20,7 @@ def list_models() -> Response:
         g.record,
         request.headers,
         query=request.query_string,
-        client_socket=request.environ.get("gunicorn.socket"),
+        client=Client.of(request.environ),
     )
 
 
@@ -41,5 +41,5 @@ def retrieve_model(model_id: str) -> Response:
         g.record,
         request.headers,
         query=request.query_string,
-        client_socket=request.environ.get("gunicorn.socket"),
+        client=Client.of(request.environ),
     )

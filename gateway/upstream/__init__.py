@@ -10,6 +10,7 @@
 May import gateway.config, errors, record, secrets and disconnects; never a blueprint.
 """
 
+from gateway.upstream.bodies import Client
 from gateway.upstream.client import UpstreamClient, upstream_for
 
-__all__ = ["UpstreamClient", "upstream_for"]
+__all__ = ["Client", "UpstreamClient", "upstream_for"]

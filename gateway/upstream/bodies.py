@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
-from collections.abc import Callable, Iterator
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import requests
@@ -31,6 +34,36 @@ HEAD_BYTES = 256 * 1024
 _TAIL_BYTES = 4096
 # What a read of the provider's body can raise (requests wraps urllib3's for iter_content).
 READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError)
+
+
+@dataclass(frozen=True)
+class Client:
+    """The caller's end of the exchange, as gunicorn hands it to the app."""
+
+    socket: socket.socket | None = None
+    # An HTTP/1.0 answer of unknown length ends when the connection closes.
+    http10: bool = False
+
+    @classmethod
+    def of(cls, environ: Mapping[str, Any]) -> Client:
+        return cls(environ.get("gunicorn.socket"), environ.get("SERVER_PROTOCOL") == "HTTP/1.0")
+
+    def cut(self) -> None:
+        """End the connection so that the answer sent so far reads as incomplete.
+
+        A reset (SO_LINGER 0) when gunicorn closes it, never a clean end: for HTTP/1.0 a FIN
+        would look like a complete close-delimited body. For HTTP/1.1 shutting down at once
+        also keeps gunicorn from writing the terminating chunk.
+        """
+        if self.socket is None:
+            return
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            if not self.http10:
+                socket.socket.shutdown(self.socket, socket.SHUT_RDWR)
+
+
+_RESET = struct.pack("ii", 1, 0)
 
 
 class AnswerTooLargeError(Exception):
@@ -134,7 +167,7 @@ class BodyRelay:
         record: RequestRecord,
         scrubber: Scrubber,
         fail: Fail,
-        client_socket: socket.socket | None,
+        client: Client,
         count_usage: bool,
     ) -> None:
         self._exchange = exchange
@@ -142,7 +175,7 @@ class BodyRelay:
         self._record = record
         self._scrubber = scrubber
         self._fail = fail
-        self._client_socket = client_socket
+        self._client = client
         self._finished = False
         self._count_usage = count_usage
 
@@ -170,9 +203,7 @@ class BodyRelay:
         if self._exchange.ended_by != CLIENT_GONE:
             self._fail(exc or ConnectionError("cut off"))  # logged and counted
             self._finished = True  # the provider's failure, not the client's leaving
-        if self._client_socket is not None:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(self._client_socket, socket.SHUT_RDWR)
+        self._client.cut()
 
     def close(self) -> None:
         self._exchange.release()

@@ -9,7 +9,6 @@ per-call merging of environment settings is work done once here instead.
 from __future__ import annotations
 
 import http.client
-import socket
 import time
 from collections.abc import Iterator, Mapping
 
@@ -29,6 +28,7 @@ from gateway.upstream.bodies import (
     READ_ERRORS,
     AnswerTooLargeError,
     BodyRelay,
+    Client,
     SseRelay,
     pieces,
 )
@@ -36,6 +36,7 @@ from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
 from gateway.upstream.headers import forwarded, relayable_headers, upstream_request_id
 from gateway.upstream.scrub import Scrubber, SecretMask
 
+NO_CLIENT = Client()  # the Flask test client and dev server hand over no socket
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -77,7 +78,7 @@ class UpstreamClient:
         *,
         body: bytes | None = None,
         query: bytes = b"",
-        client_socket: socket.socket | None = None,
+        client: Client = NO_CLIENT,
     ) -> Response:
         """Send one request upstream and turn its answer into the client's response."""
         if query:  # as the client sent it, still percent-encoded
@@ -89,10 +90,10 @@ class UpstreamClient:
         deadline = None if record.stream else time.monotonic() + self.total_timeout
         # gunicorn hands the client's socket to the app: watched from before the request is
         # sent, so a client that leaves (or left while queued) stops the provider's work.
-        exchange.unwatch = self.disconnects.watch(client_socket, exchange.end, deadline)
+        exchange.unwatch = self.disconnects.watch(client.socket, exchange.end, deadline)
         try:
             upstream = self._send(prepared, record, exchange)
-            return self._answer(upstream, record, exchange, client_socket)
+            return self._answer(upstream, record, exchange, client)
         except BaseException:
             exchange.release()
             raise
@@ -119,6 +120,8 @@ class UpstreamClient:
             raise GatewayError(400, "A request header has an invalid value.") from None
         finally:
             current_exchange.reset(token)
+        # Sent: a stream must not keep its (up to 10 MB) request body alive as long as it lasts.
+        upstream.request = None  # type: ignore[assignment]
         exchange.hold(upstream)
         record.upstream_status = upstream.status_code
         record.upstream_request_id = upstream_request_id(upstream.headers)
@@ -128,6 +131,13 @@ class UpstreamClient:
             raise GatewayError(502, "The upstream answered with a redirect.")
         if (_declared_length(upstream) or 0) > self.max_body:
             raise self._translate(AnswerTooLargeError("declared length"), record, exchange)
+        if not _decodable(upstream):
+            # Relayed raw without its Content-Encoding, it would be opaque bytes to the
+            # client (and unmasked): a coding the gateway never asked for is the provider's bug.
+            record.upstream_error = "protocol"
+            raise GatewayError(
+                502, "The upstream answered in an encoding the gateway cannot decode."
+            )
         return upstream
 
     def _answer(
@@ -135,7 +145,7 @@ class UpstreamClient:
         upstream: requests.Response,
         record: RequestRecord,
         exchange: Exchange,
-        client_socket: socket.socket | None,
+        client: Client,
     ) -> Response:
         headers = relayable_headers(upstream.headers, self.mask)
         status = upstream.status_code
@@ -155,7 +165,7 @@ class UpstreamClient:
                 record=record,
                 scrubber=Scrubber(self.mask),
                 fail=fail,
-                client_socket=client_socket,
+                client=client,
                 count_usage=upstream.ok,
             )
             return Response(rest, status=status, headers=headers)
@@ -262,6 +272,12 @@ def _declared_length(upstream: requests.Response) -> int | None:
         return int(upstream.headers.get("Content-Length", ""))
     except ValueError:
         return None
+
+
+def _decodable(upstream: requests.Response) -> bool:
+    codings = upstream.headers.get("Content-Encoding", "identity").lower().split(",")
+    known = {"identity", *urllib3.HTTPResponse.CONTENT_DECODERS}
+    return all(coding.strip() in known for coding in codings)
 
 
 def _normalized_url(url: str) -> str:

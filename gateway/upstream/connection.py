@@ -59,13 +59,13 @@ class Exchange:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._socket: socket.socket | None = None
+        self._socket: Any = None
         self.ended_by: str | None = None
         self.unwatch: Unwatch = _nothing
         self._response: requests.Response | None = None
         self._pool: Any = None
 
-    def attach(self, sock: socket.socket) -> None:
+    def attach(self, sock: Any) -> None:
         with self._lock:
             self._socket = sock
             if self.ended_by is not None:
@@ -94,11 +94,13 @@ class Exchange:
         response.close()
 
 
-def _shut(sock: socket.socket) -> None:
+def _shut(sock: Any) -> None:
     # socket.socket's own shutdown, also for an SSLSocket: only the kernel's side is
-    # touched, never the TLS state that the request thread is using.
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    # touched, never the TLS state that the request thread is using. Through an HTTPS
+    # proxy, TLS runs inside TLS and urllib3's SSLTransport holds the real socket.
+    plain = getattr(sock, "socket", sock)
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        socket.socket.shutdown(plain, socket.SHUT_RDWR)
 
 
 def _nothing() -> None:
@@ -109,7 +111,7 @@ def _nothing() -> None:
 current_exchange: ContextVar[Exchange | None] = ContextVar("current_exchange", default=None)
 
 
-def _attach(sock: socket.socket | None) -> None:
+def _attach(sock: Any) -> None:
     exchange = current_exchange.get()
     if exchange is not None and sock is not None:
         exchange.attach(sock)

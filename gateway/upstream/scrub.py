@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from gateway.secrets import mask, spellings
 
+# A shorter secret (a proxy password like "42") would also match ordinary text in answers:
+# masking it would corrupt them. Provider keys are far longer.
+MIN_MASKED_LENGTH = 12
+
 
 class SecretMask:
     """The spellings of the secrets to mask, built once per upstream client."""
 
     def __init__(self, secrets: tuple[str, ...]) -> None:
-        pairs = {form: mask(s) for s in secrets if s for form in spellings(s)}
+        long_enough = (s for s in secrets if len(s) >= MIN_MASKED_LENGTH)
+        pairs = {form: mask(s) for s in long_enough for form in spellings(s)}
         # Longest first, so that a secret containing another is masked whole.
         ordered = sorted(pairs.items(), key=lambda pair: len(pair[0]), reverse=True)
         self._text = ordered

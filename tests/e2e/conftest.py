@@ -106,7 +106,8 @@ def wait_until_healthy(gateway: Gateway, timeout: float = 20) -> None:
         try:
             if requests.get(gateway.url + "/health", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        # Timeout: accepted by the listening socket while the worker still boots.
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.05)
     raise RuntimeError(f"gateway did not become healthy:\n{gateway.logs()}")

@@ -49,7 +49,7 @@ def test_defaults() -> None:
     assert settings.upstream_total_timeout == 900.0
     assert settings.max_response_body_bytes == 256 * 1024 * 1024
     assert settings.gunicorn_workers == 1
-    assert settings.gunicorn_threads == 256
+    assert settings.gunicorn_threads == 2048
     assert dict(settings.upstream_proxies) == {}
     assert settings.upstream_ca_bundle is None
     assert settings.prometheus_multiproc_dir is None

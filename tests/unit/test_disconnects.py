@@ -137,3 +137,17 @@ def test_unwatched_deadlines_do_not_pile_up() -> None:
         watcher.watch(None, lambda reason: None, deadline=far)()
     assert len(watcher._deadlines) < 200
     watcher.close()
+
+
+def test_watching_a_socket_with_a_timeout_does_not_wait_for_it() -> None:
+    # The worker gives client sockets a write timeout; Python then waits for readability
+    # before any recv, MSG_DONTWAIT or not.
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    server.settimeout(30)
+    with server, client:
+        started = time.monotonic()
+        unwatch = watcher.watch(server, Ended())
+        assert time.monotonic() - started < 5
+        unwatch()
+    watcher.close()

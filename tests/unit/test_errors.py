@@ -158,3 +158,13 @@ def test_500_message_names_the_request_id(make_app: MakeApp) -> None:
     error = assert_openai_error(response, 500, "internal_error")
     assert response.headers["X-Request-ID"] == "trace-500-abc"
     assert "trace-500-abc" in error["message"]
+
+
+def test_invalid_utf8_in_the_model_is_a_400_not_a_500(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    headers = {**auth, "Content-Type": "application/json"}
+    response = client.post(CHAT, data=b'{"model": "m\xff"}', headers=headers)
+
+    assert_openai_error(response, 400, "invalid_json")
+    assert len(upstream.calls) == 0

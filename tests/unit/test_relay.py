@@ -332,3 +332,14 @@ def test_an_echoed_provider_key_is_masked_in_a_relayed_error(
     assert response.status_code == 401
     assert UPSTREAM_KEY.encode() not in response.data
     assert response.json["error"]["message"] == "Invalid key Bearer sk-...5f4e"
+
+
+@pytest.mark.parametrize("coding", ["br", "compress", "gzip, zstd-unknown"])
+def test_an_answer_in_a_coding_the_gateway_cannot_decode_is_a_502(
+    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, coding: str
+) -> None:
+    upstream.post(UPSTREAM_CHAT, body=b"\x1f\x8b opaque", headers={"Content-Encoding": coding})
+
+    response = client.post(CHAT, json={"model": "qwen-plus"}, headers=auth)
+
+    assert_openai_error(response, 502, "upstream_unavailable")

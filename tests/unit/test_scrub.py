@@ -56,3 +56,27 @@ def test_bytes_that_only_look_like_a_key_start_are_released_at_the_end() -> None
 
 def test_header_values_are_masked() -> None:
     assert SecretMask((UPSTREAM_KEY,)).text(f"Bearer {UPSTREAM_KEY}") == "Bearer sk-...5f4e"
+
+
+def test_a_short_secret_is_not_masked_in_answers() -> None:
+    # A proxy password like "42" would turn every "prompt_tokens": 42 into invalid JSON.
+    secrets = SecretMask(("42", UPSTREAM_KEY))
+    assert secrets.whole(b'{"prompt_tokens": 42}') == b'{"prompt_tokens": 42}'
+    assert secrets.whole(KEY) == MASKED
+
+
+def test_a_percent_encoded_proxy_password_is_masked_as_the_proxy_sees_it() -> None:
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from gateway.config import Settings
+    from tests.constants import GATEWAY_KEY
+
+    proxy = "http://user:long%40password-0123@proxy.internal:3128"
+    settings = Settings(
+        target_api_key=UPSTREAM_KEY,
+        gateway_api_keys=(GATEWAY_KEY,),
+    )
+    settings = replace(settings, upstream_proxies=MappingProxyType({"https": proxy}))
+    assert "long@password-0123" in settings.upstream_secrets
+    assert "long@password-0123" in settings.secrets  # and redacted from logs

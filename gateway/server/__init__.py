@@ -1,0 +1,16 @@
+"""The gunicorn worker the gateway runs on: gthread, guarded for thousands of streams.
+
+- `worker.py`: `GatewayThreadWorker`, gunicorn's `ThreadWorker` with the guards wired in.
+- `heads.py`: when a request head read on the main loop is complete, and how large it may be.
+- `replies.py`: the OpenAI-shaped error answers the worker writes itself.
+- `threads.py`: the request threads (stack size, started at boot).
+- `probes.py`: answering `/health` and `/ready` on the main loop, through the app.
+- `lingering.py`: closing client sockets gracefully without blocking the main loop.
+
+May import `gateway.config` and `gateway.errors` only (and gunicorn); the app reaches it
+only through gunicorn.conf.py's `worker_class`.
+"""
+
+from gateway.server.worker import GatewayThreadWorker
+
+__all__ = ["GatewayThreadWorker"]
