@@ -195,19 +195,27 @@ async def run_streams(
     seconds: float,
     per_connection: int = 1000,
     stream_timeout: float = 60.0,
+    ramp: float = 0.0,
 ) -> StreamStats:
-    """`concurrency` connections to 127.0.0.1:`port`, each streaming until the deadline."""
+    """`concurrency` connections to 127.0.0.1:`port`, each streaming until the deadline.
+
+    With `ramp`, connection i opens i * ramp / concurrency seconds after the first, so that
+    thousands of clients arrive spread over that window rather than in one SYN burst.
+    """
     loop = asyncio.get_running_loop()
     stats = StreamStats()
     deadline = loop.time() + seconds
 
-    async def one_connection() -> None:
+    async def one_connection(index: int) -> None:
         connection: _StreamConnection | None = None
+        if ramp:
+            await asyncio.sleep(index * ramp / concurrency)
         try:
             for _ in range(per_connection):
                 if loop.time() >= deadline:
                     return
                 if connection is None or connection.transport is None:
+                    connection = None  # a timeout while connecting is a connect timeout
                     _, connection = await asyncio.wait_for(
                         loop.create_connection(
                             lambda: _StreamConnection(request, expected), "127.0.0.1", port
@@ -215,16 +223,27 @@ async def run_streams(
                         stream_timeout,
                     )
                 stats.add(await asyncio.wait_for(connection.send(), stream_timeout))
-        except (TimeoutError, OSError) as exc:
+        except TimeoutError:
+            stats.errors[_timeout_kind(connection)] += 1
+        except OSError as exc:
             stats.errors[type(exc).__name__] += 1
         finally:
             if connection is not None and connection.transport is not None:
                 connection.transport.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+    await asyncio.gather(*(one_connection(i) for i in range(concurrency)))
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _timeout_kind(connection: _StreamConnection | None) -> str:
+    """A queued stream (no byte yet) and a stalled one are different failures."""
+    if connection is None:
+        return "connect timeout"
+    if connection.first_byte_at:
+        return "timeout mid-stream"
+    return "timeout before first byte"
 
 
 def stream_request(port: int, key: str, body: bytes) -> bytes:
