@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ class Measurement:
     peak_pss: int = 0
     ttfb_p50: float | None = None
     ttfb_p99: float | None = None
-    # SSE events relayed per stream (0 for JSON): for CPU per chunk.
+    # long-N: SSE events in a full stream, and received in all streams (failed ones too).
     chunks: int = 0
+    events: int = 0
 
     @property
     def rps(self) -> float:
@@ -34,11 +36,15 @@ class Measurement:
 
     @property
     def cpu_per_request(self) -> float:
+        # long-N: the CPU of a full stream's worth of chunks, so that the work done for
+        # streams that then failed is not charged to the ones that completed.
+        if self.chunks and self.events:
+            return self.cpu_seconds / self.events * self.chunks
         return self.cpu_seconds / self.requests if self.requests else float("inf")
 
     @property
     def cpu_per_chunk(self) -> float | None:
-        return self.cpu_per_request / self.chunks if self.chunks else None
+        return self.cpu_seconds / self.events if self.events else None
 
     @property
     def per_cpu_second(self) -> float:
@@ -113,10 +119,15 @@ def percentile(values: Sequence[float], pct: float) -> float:
         return float("nan")
     if len(values) == 1:
         return values[0]
+    if math.inf in values:  # streams that never started: nearest rank, no interpolation
+        ordered = sorted(values)
+        return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
     return statistics.quantiles(values, n=100, method="inclusive")[round(pct) - 1]
 
 
 def _ms(seconds: float | None) -> str:
+    if seconds == math.inf:
+        return "none (timed out)"
     return "—" if seconds is None else f"{seconds * 1000:.2f}"
 
 
@@ -166,7 +177,7 @@ def _rows(result: Result) -> list[Row]:
 def _ttfb_shown(m: Measurement, direct: Measurement, which: str) -> str:
     """TTFB, and for a relay the time it adds over the direct call: `12.30 (+12.10)`."""
     value = getattr(m, f"ttfb_{which}")
-    if m is direct or value is None:
+    if m is direct or value is None or value == math.inf:
         return _ms(value)
     return f"{value * 1000:.2f} (+{(value - getattr(direct, f'ttfb_{which}')) * 1000:.2f})"
 
@@ -227,7 +238,9 @@ LEGEND = """\
   one pooled adapter) under gunicorn gthread with the gateway's worker, thread and
   keep-alive settings; gateway/calibration is the gateway's cost over that floor.
 - *long-N*: N clients each open one stream, all within the ramp in the header; every
-  stream is timed, and one still queued or unfinished after its timeout is an error.
-  *CPU µs/chunk*: CPU per stream over the SSE events in it.
+  stream is timed, and one still queued or unfinished after its timeout is an error. TTFB
+  percentiles count every stream (failed ones too; "none" when the percentile falls on a
+  stream that never got a byte). *CPU µs/chunk*: CPU over all SSE events received;
+  *CPU ms/request* is that times the events of one full stream.
 - JSON load: wrk (1 thread, keep-alive). Streams: bench/streams.py, keep-alive connections
   running streams back to back; every body is compared with the upstream's bytes."""

@@ -334,7 +334,9 @@ class Bench:
             )
         )
         # Every event of the upstream's stream, its [DONE] included, is one relayed chunk.
-        return dataclasses.replace(_stream_measurement(stats), chunks=chunks + 1)
+        return dataclasses.replace(
+            _stream_measurement(stats), chunks=chunks + 1, events=stats.events
+        )
 
 
 def _stream_measurement(stats: StreamStats) -> Measurement:
@@ -348,8 +350,8 @@ def _stream_measurement(stats: StreamStats) -> Measurement:
         error_detail=f" ({detail})" if detail else "",
         cpu_seconds=0.0,
         peak_rss=0,
-        ttfb_p50=percentile(stats.ttfb, 50),
-        ttfb_p99=percentile(stats.ttfb, 99),
+        ttfb_p50=percentile(stats.ttfb_all, 50),
+        ttfb_p99=percentile(stats.ttfb_all, 99),
     )
 
 
