@@ -168,12 +168,15 @@ def measure(bench: Bench, streams: int, use_py_spy: bool, calibration: bool, war
         def sampler(started: float) -> None:
             while stats.first_bytes_so_far < streams and time.monotonic() < started + OPEN_BY:
                 time.sleep(0.05)
+            # Reading thousands of threads takes a while: the window runs from the start of
+            # one reading to the start of the next, chunks counted over the same span.
+            window_start, events = time.monotonic(), stats.events_so_far
             found["open"], user_sys = sample(worker), process_user_sys(worker)
-            found["opened"] = (stats.first_bytes_so_far, time.monotonic() - started)
-            events = stats.events_so_far
+            found["opened"] = (stats.first_bytes_so_far, window_start - started)
             time.sleep(WINDOW)
+            window_end, found["chunks"] = time.monotonic(), stats.events_so_far - events
             found["end"] = sample(worker)
-            found["chunks"] = stats.events_so_far - events
+            found["window"] = window_end - window_start
             found["user_sys"] = [
                 b - a for a, b in zip(user_sys, process_user_sys(worker), strict=True)
             ]
@@ -230,7 +233,8 @@ def _report(streams: int, errors: str, found: dict[str, object]) -> str:
     names = found.get("names") or {}
     assert isinstance(names, dict)
     worker = min(end.cpu)  # the main thread's tid is the process id, the smallest
-    window = WINDOW
+    window = found["window"]
+    assert isinstance(window, float)
     first_bytes, open_after = found["opened"]  # type: ignore[misc]
     # Chunks the client received in the window: fewer than streams x window / delay when
     # the relay falls behind or streams failed.
@@ -244,7 +248,7 @@ def _report(streams: int, errors: str, found: dict[str, object]) -> str:
         "",
         f"Opening them ({first_bytes} had a first byte {open_after:.1f} s after the first client):"
         f" {1e3 * sum(open_cpu.values()) / streams:.2f} ms CPU per stream. Then for"
-        f" {WINDOW:g} s: worker CPU"
+        f" {window:.1f} s: worker CPU"
         f" {100 * total / window:.0f}% of a core, {1e6 * total / chunks:.1f} µs per chunk,"
         f" {chunks / window:,.0f} chunks/s (all on time: {streams / DELAY:,.0f}),"
         f" {sum(switches.values()) / chunks:.2f} context switches per chunk;"
