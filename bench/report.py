@@ -132,7 +132,7 @@ def _ms(seconds: float | None) -> str:
 
 
 def _ratio(gateway: float | None, direct: float | None) -> str:
-    if gateway is None or not direct:
+    if gateway is None or not direct or not math.isfinite(gateway) or not math.isfinite(direct):
         return "—"
     return f"{gateway / direct:.2f}x"
 
