@@ -93,8 +93,10 @@ TARGETS: dict[tuple[str, str], list[tuple[str, Check]]] = {
     ("long-2000", "errors"): [("0, bodies identical", lambda r: r.gateway.errors == 0)],
     ("long-2000", "TTFB p50 ms"): [("<= +20 ms", lambda r: _ttfb_added(r, "p50") <= 0.020)],
     ("long-2000", "TTFB p99 ms"): [("<= +100 ms", lambda r: _ttfb_added(r, "p99") <= 0.100)],
+    # Per chunk, so that --quick's shorter streams are held to the same rate (stricter:
+    # their set-up is spread over fewer chunks).
     ("long-2000", "CPU ms/request"): [
-        ("<= 3.5 per 50-chunk stream", lambda r: r.gateway.cpu_per_request <= 0.0035)
+        ("<= 3.5 per 50-chunk stream", lambda r: (r.gateway.cpu_per_chunk or 1.0) * 51 <= 0.0035)
     ],
     ("long-2000", "peak RSS MB"): [("<= 250", lambda r: r.gateway.peak_rss <= 250 * MB)],
     ("long-4000-redis", "errors"): [("0", lambda r: r.gateway.errors == 0)],

@@ -106,6 +106,8 @@ class LongStreams:
     chunks: int
     delay: float
     ramp: float
+    # A stream still queued, or unfinished, this long after its expected end is an error.
+    grace: float
 
     @property
     def seconds(self) -> float:
@@ -125,10 +127,8 @@ class Durations:
     long: LongStreams
 
 
-FULL = Durations(json=10, stream=8, warmup=2, long=LongStreams(chunks=50, delay=0.2, ramp=2))
-QUICK = Durations(json=2, stream=2, warmup=1, long=LongStreams(chunks=15, delay=0.2, ramp=1))
-# A long stream still queued, or unfinished, this long after its expected end is an error.
-LONG_STREAM_GRACE = 10.0
+FULL = Durations(json=10, stream=8, warmup=2, long=LongStreams(50, delay=0.2, ramp=2, grace=10))
+QUICK = Durations(json=2, stream=2, warmup=1, long=LongStreams(10, delay=0.2, ramp=1, grace=5))
 
 
 def long_stream_body(shape: LongStreams) -> bytes:
@@ -329,7 +329,7 @@ class Bench:
                 # The deadline only stops new streams: every client starts within the ramp.
                 seconds=shape.ramp + 1,
                 per_connection=1,
-                stream_timeout=seconds + LONG_STREAM_GRACE,
+                stream_timeout=seconds + shape.grace,
                 ramp=shape.ramp,
             )
         )
@@ -430,7 +430,7 @@ def machine_header(args: argparse.Namespace, cores: Cores, durations: Durations)
             f" ({CHUNKS} chunks x {CHUNK_DELAY * 1000:g} ms), warm-up {durations.warmup:g} s"
             + (" (--quick)" if args.quick else ""),
             f"- long-N: {durations.long.describe()}, one stream per client, a stream not done"
-            f" {LONG_STREAM_GRACE:g} s after its expected end is an error"
+            f" {durations.long.grace:g} s after its expected end is an error"
             + (" (--quick: shorter than the targets' 10 s)" if args.quick else ""),
         ]
     )
