@@ -185,9 +185,12 @@ class Bench:
         )
 
     def note(self, scenario: Scenario) -> str:
+        notes = []
+        if scenario.redis:
+            notes.append("2 workers, limits in redis-server, gateway not pinned")
         if scenario.kind == "long" and self.args.quick:
-            return f"--quick: {self.durations.long.seconds:g} s streams, no warm-up"
-        return ""
+            notes.append(f"--quick: {self.durations.long.seconds:g} s streams, no warm-up")
+        return "; ".join(notes)
 
     @contextmanager
     def scenario_environment(self, scenario: Scenario) -> Iterator[dict[str, str]]:
