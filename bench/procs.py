@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -226,14 +228,22 @@ def start_gateway(
     core: int | None,
     log_path: Path,
     command: Sequence[str] = PRODUCTION_COMMAND,
+    port: int | None = None,
 ) -> Started:
-    """By default `gunicorn -c gunicorn.conf.py app:app` from the repo root, as in production."""
+    """By default `gunicorn -c gunicorn.conf.py app:app` from the repo root, as in production.
+
+    Ready when GET /health answers 200 on $PORT, or, given `port` (a relay without a
+    health route), when that port accepts connections.
+    """
     command = pinned(command, core)
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     started = Started("gateway", process, log_path)
     try:
-        _wait_healthy(started, f"http://127.0.0.1:{env['PORT']}/health")
+        if port is None:
+            _wait_healthy(started, f"http://127.0.0.1:{env['PORT']}/health")
+        else:
+            _wait_listening(started, port)
     except BaseException:
         started.stop()
         raise
@@ -253,3 +263,49 @@ def _wait_healthy(started: Started, url: str, timeout: float = 30) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"the gateway did not become healthy:\n{started.log_tail()}")
+
+
+def _wait_listening(started: Started, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if started.process.poll() is not None:
+            raise RuntimeError(f"{started.name} exited at start-up:\n{started.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{started.name} did not listen on {port}:\n{started.log_tail()}")
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: one process holds every client socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@dataclass(frozen=True)
+class Redis:
+    started: Started
+    port: int
+
+
+def start_redis(log_path: Path) -> Redis:
+    """A throw-away redis-server on loopback: no persistence, stopped by its PID."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed: `apt-get install redis-server`")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly"]
+    command += ["no", "--maxclients", "10000"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    started = Started("redis-server", process, log_path)
+    try:
+        _wait_listening(started, port)
+    except BaseException:
+        started.stop()
+        raise
+    return Redis(started, port)

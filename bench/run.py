@@ -20,6 +20,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 import orjson
 
 from bench import profile
+from bench.calibration import calibration_command, gunicorn_values
 from bench.procs import (
     BIN,
     PRODUCTION_COMMAND,
@@ -41,10 +43,12 @@ from bench.procs import (
     busy_seconds,
     cpu_seconds,
     process_tree,
+    raise_open_files_limit,
     start_gateway,
+    start_redis,
     start_upstream,
 )
-from bench.report import LEGEND, Measurement, Result, percentile, table
+from bench.report import LEGEND, Measurement, Result, floor_ratios, percentile, table
 from bench.streams import StreamStats, run_streams, stream_request
 from bench.upstream import completion, expected_stream
 from bench.wrk import require_wrk, run_wrk
@@ -68,20 +72,51 @@ STREAM_BODY = orjson.dumps(
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    kind: str  # "json" (wrk) or "stream" (bench.streams)
+    # "json" (wrk), "stream" (short streams back to back) or "long" (one long stream per
+    # client, every client arriving within the ramp)
+    kind: str
     concurrency: int
+    # Also measure the calibration relay (bench/calibration_app.py); `calib-<name>` sets it.
+    calibrate: bool = False
+    # Two workers sharing a redis-server for the limits, on all cores (not pinned).
+    redis: bool = False
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("json-c16", "json", 16),
-        Scenario("json-c64", "json", 64),
+        Scenario("json-c64", "json", 64, calibrate=True),
         Scenario("stream-50", "stream", 50),
         Scenario("stream-200", "stream", 200),
         Scenario("stream-1000", "stream", 1000),
+        Scenario("long-1000", "long", 1000, calibrate=True),
+        Scenario("long-2000", "long", 2000, calibrate=True),
+        Scenario("long-4000-redis", "long", 4000, redis=True),
     )
 }
+# The Redis scenario needs ~1 minute more and a redis-server: asked for by name only.
+DEFAULT_SCENARIOS = [name for name, s in SCENARIOS.items() if not s.redis]
+
+
+@dataclass(frozen=True)
+class LongStreams:
+    """The shape of a long-stream scenario: chunks x delay per stream, clients' arrival."""
+
+    chunks: int
+    delay: float
+    ramp: float
+    # A stream still queued, or unfinished, this long after its expected end is an error.
+    grace: float
+
+    @property
+    def seconds(self) -> float:
+        return self.chunks * self.delay
+
+    def describe(self) -> str:
+        return (
+            f"{self.chunks} chunks x {self.delay * 1000:g} ms, clients start within {self.ramp:g} s"
+        )
 
 
 @dataclass(frozen=True)
@@ -89,10 +124,22 @@ class Durations:
     json: float
     stream: float
     warmup: float
+    long: LongStreams
 
 
-FULL = Durations(json=10, stream=8, warmup=2)
-QUICK = Durations(json=2, stream=2, warmup=1)
+FULL = Durations(json=10, stream=8, warmup=2, long=LongStreams(50, delay=0.2, ramp=2, grace=10))
+QUICK = Durations(json=2, stream=2, warmup=1, long=LongStreams(10, delay=0.2, ramp=1, grace=5))
+
+
+def long_stream_body(shape: LongStreams) -> bytes:
+    return orjson.dumps(
+        {
+            "model": MODEL,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "fake": {"chunks": shape.chunks, "delay": shape.delay},
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -117,11 +164,73 @@ class Bench:
         print(f"== {scenario.name}: direct", flush=True)
         direct_measurement = self.measure(scenario, direct)
         print(f"== {scenario.name}: gateway", flush=True)
-        with self.gateway(scenario.name) as gateway:
-            gateway_measurement = self.measure(scenario, gateway)
+        with self.scenario_environment(scenario) as extra_env:
+            pin = not scenario.redis  # two workers on two cores: nothing to pin to
+            with self.gateway(scenario.name, extra_env=extra_env, pin=pin) as gateway:
+                gateway_measurement = self.measure(scenario, gateway)
+        calibration_measurement = None
+        if scenario.calibrate:
+            print(f"== {scenario.name}: calibration relay", flush=True)
+            with self.calibration(scenario.name) as calibration:
+                calibration_measurement = self.measure(scenario, calibration)
         # Pinned, the gateway has one core; unpinned, it may use them all.
-        cores = 1 if self.cores.pinned else self.cores.available
-        return Result(scenario.name, direct_measurement, gateway_measurement, cores)
+        cores = 1 if self.cores.pinned and not scenario.redis else self.cores.available
+        return Result(
+            scenario.name,
+            direct_measurement,
+            gateway_measurement,
+            cores,
+            calibration=calibration_measurement,
+            note=self.note(scenario),
+        )
+
+    def note(self, scenario: Scenario) -> str:
+        notes = []
+        if scenario.redis:
+            notes.append("2 workers, limits in redis-server, gateway not pinned")
+        if scenario.kind == "long" and self.args.quick:
+            notes.append(f"--quick: {self.durations.long.seconds:g} s streams, no warm-up")
+        return "; ".join(notes)
+
+    @contextmanager
+    def scenario_environment(self, scenario: Scenario) -> Iterator[dict[str, str]]:
+        """Extra gateway environment: two workers sharing a redis-server, or nothing."""
+        if not scenario.redis:
+            yield {}
+            return
+        with tempfile.TemporaryDirectory(prefix="bench-prom-") as prometheus_dir:
+            redis = start_redis(RESULTS / "redis.log")
+            try:
+                yield {
+                    "GUNICORN_WORKERS": "2",
+                    "RATE_LIMIT_STORAGE_URI": f"redis://127.0.0.1:{redis.port}/0",
+                    "PROMETHEUS_MULTIPROC_DIR": prometheus_dir,
+                }
+            finally:
+                redis.started.stop()
+
+    def environment(self, port: int, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {
+            **gateway_env(port, self.upstream_port, self.args.threads),
+            **self.args.gateway_env,
+            **(extra_env or {}),
+        }
+
+    @contextmanager
+    def calibration(self, label: str) -> Iterator[Target]:
+        """The calibration relay, with the gunicorn values the gateway would have here."""
+        port = _free_port()
+        env = self.environment(port)
+        values = gunicorn_values(env)
+        env["BENCH_POOL_SIZE"] = str(values.threads)
+        log_path = RESULTS / f"calibration-{label}.log"
+        command = calibration_command(values, port)
+        started = start_gateway(env, self.cores.gateway, log_path, command, port=port)
+        try:
+            check_answers(port, GATEWAY_KEY)
+            yield Target(port, GATEWAY_KEY, started.pid)
+        finally:
+            started.stop()
 
     @contextmanager
     def gateway(
@@ -129,15 +238,13 @@ class Bench:
         label: str,
         command: Sequence[str] = PRODUCTION_COMMAND,
         extra_env: Mapping[str, str] | None = None,
+        pin: bool = True,
     ) -> Iterator[Target]:
         port = _free_port()
-        env = {
-            **gateway_env(port, self.upstream_port, self.args.threads),
-            **self.args.gateway_env,
-            **(extra_env or {}),
-        }
+        env = self.environment(port, extra_env)
         log_path = RESULTS / f"gateway-{label}.log"
-        started = start_gateway(env, self.cores.gateway, log_path, command)
+        core = self.cores.gateway if pin else None
+        started = start_gateway(env, core, log_path, command)
         try:
             check_answers(port, GATEWAY_KEY)
             yield Target(port, GATEWAY_KEY, started.pid)
@@ -147,7 +254,10 @@ class Bench:
 
     def measure(self, scenario: Scenario, target: Target) -> Measurement:
         with PeakRss(target.server_pid) as rss:
-            self.load(scenario, target, self.durations.warmup, warmup=True)
+            # --quick skips the long-N warm-up (thousands of short streams through too few
+            # threads take longer than the 2 s streams measured); the note says so.
+            if not (scenario.kind == "long" and self.args.quick):
+                self.load(scenario, target, self.durations.warmup, warmup=True)
             tree = process_tree(target.server_pid)
             cpu_before = cpu_seconds(tree)
             measurement = self.load(scenario, target, self.seconds(scenario))
@@ -157,6 +267,8 @@ class Bench:
         )
 
     def seconds(self, scenario: Scenario) -> float:
+        if scenario.kind == "long":
+            return self.durations.long.seconds
         return self.durations.json if scenario.kind == "json" else self.durations.stream
 
     def load(
@@ -164,6 +276,8 @@ class Bench:
     ) -> Measurement:
         if scenario.kind == "json":
             return self._json_load(scenario, target, seconds)
+        if scenario.kind == "long":
+            return self._long_load(scenario, target, warmup)
         return self._stream_load(scenario, target, seconds, warmup)
 
     def _json_load(self, scenario: Scenario, target: Target, seconds: float) -> Measurement:
@@ -203,6 +317,33 @@ class Bench:
         )
         return _stream_measurement(stats)
 
+    def _long_load(self, scenario: Scenario, target: Target, warmup: bool) -> Measurement:
+        """One stream per client, all arriving within the ramp; each bounded by a timeout.
+
+        The warm-up sends short streams the same way: it starts the threads and fills the
+        upstream pool that the long streams will find, in well under their duration.
+        """
+        shape = self.durations.long
+        body, chunks = (STREAM_BODY, CHUNKS) if warmup else (long_stream_body(shape), shape.chunks)
+        seconds = CHUNKS * CHUNK_DELAY if warmup else shape.seconds
+        stats = asyncio.run(
+            run_streams(
+                target.port,
+                request=stream_request(target.port, target.key, body),
+                expected=expected_stream(MODEL, chunks),
+                concurrency=scenario.concurrency,
+                # The deadline only stops new streams: every client starts within the ramp.
+                seconds=shape.ramp + 1,
+                per_connection=1,
+                stream_timeout=seconds + shape.grace,
+                ramp=shape.ramp,
+            )
+        )
+        # Every event of the upstream's stream, its [DONE] included, is one relayed chunk.
+        return dataclasses.replace(
+            _stream_measurement(stats), chunks=chunks + 1, events=stats.events
+        )
+
 
 def _stream_measurement(stats: StreamStats) -> Measurement:
     detail = ", ".join(f"{kind}: {n}" for kind, n in stats.errors.most_common())
@@ -215,8 +356,8 @@ def _stream_measurement(stats: StreamStats) -> Measurement:
         error_detail=f" ({detail})" if detail else "",
         cpu_seconds=0.0,
         peak_rss=0,
-        ttfb_p50=percentile(stats.ttfb, 50),
-        ttfb_p99=percentile(stats.ttfb, 99),
+        ttfb_p50=percentile(stats.ttfb_all, 50),
+        ttfb_p99=percentile(stats.ttfb_all, 99),
     )
 
 
@@ -270,12 +411,10 @@ def _free_port() -> int:
 
 
 def machine_header(args: argparse.Namespace, cores: Cores, durations: Durations) -> str:
-    from gateway.config import Settings  # only for the default thread count
-
-    default_threads = next(
-        f.default for f in dataclasses.fields(Settings) if f.name == "gunicorn_threads"
-    )
-    threads = args.threads or f"{default_threads} (default)"
+    # What gunicorn.conf.py makes of this environment: the defaults may change under us.
+    values = gunicorn_values(gateway_env(_free_port(), 1, args.threads) | args.gateway_env)
+    threads_set = args.threads or "GUNICORN_THREADS" in args.gateway_env
+    threads = f"{values.threads}" + ("" if threads_set else " (default)")
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = " (uncommitted changes)" if _git("status", "--porcelain") else ""
     return "\n".join(
@@ -284,7 +423,9 @@ def machine_header(args: argparse.Namespace, cores: Cores, durations: Durations)
             "",
             f"- machine: {os.cpu_count()} cores (`nproc`: {cores.available}),"
             f" {_cpu_model()}; Python {platform.python_version()}",
-            f"- commit {commit}{dirty}; GUNICORN_THREADS={threads}; one gunicorn worker",
+            f"- commit {commit}{dirty}; GUNICORN_THREADS={threads};"
+            f" {values.workers} gunicorn worker(s), worker_connections"
+            f" {values.worker_connections}, keepalive {values.keepalive} s",
             *(
                 [f"- extra gateway environment: {' '.join(f'{k}={v}' for k, v in extra.items())}"]
                 if (extra := args.gateway_env)
@@ -294,6 +435,9 @@ def machine_header(args: argparse.Namespace, cores: Cores, durations: Durations)
             f"- durations: JSON {durations.json:g} s, streams {durations.stream:g} s"
             f" ({CHUNKS} chunks x {CHUNK_DELAY * 1000:g} ms), warm-up {durations.warmup:g} s"
             + (" (--quick)" if args.quick else ""),
+            f"- long-N: {durations.long.describe()}, one stream per client, a stream not done"
+            f" {durations.long.grace:g} s after its expected end is an error"
+            + (" (--quick: shorter than the targets' 10 s)" if args.quick else ""),
         ]
     )
 
@@ -371,8 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)}; calib-<name> also measures"
+        " the calibration relay in that scenario (json-c64 and long-* always do)",
     )
     parser.add_argument(
         "--gateway-env",
@@ -392,10 +537,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n.removeprefix("calib-") not in SCENARIOS]
     if unknown or not names:
         parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
-    args.scenarios = [SCENARIOS[n] for n in names]
+    args.scenarios = [
+        dataclasses.replace(SCENARIOS[n.removeprefix("calib-")], calibrate=True)
+        if n.startswith("calib-")
+        else SCENARIOS[n]
+        for n in names
+    ]
     if bad := [item for item in args.gateway_env if "=" not in item]:
         parser.error(f"--gateway-env takes NAME=VALUE, got {bad}")
     args.gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
@@ -407,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(s.kind == "json" for s in args.scenarios) or args.profile:
         require_wrk()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # Thousands of client sockets in this process (the stream client).
+    raise_open_files_limit()
     cores = Cores.detect()
     if cores.load is not None:
         # This process runs the stream client: it belongs with the upstream, off the gateway.
@@ -439,7 +591,15 @@ def render(header: str, results: list[Result], profile_section: str, seconds: fl
         if not missed
         else "Targets missed: " + "; ".join(missed) + "."
     )
-    parts = (header, rendered, verdict, LEGEND, profile_section, f"Whole run: {seconds:.0f} s.")
+    parts = (
+        header,
+        rendered,
+        verdict,
+        floor_ratios(results),
+        LEGEND,
+        profile_section,
+        f"Whole run: {seconds:.0f} s.",
+    )
     return "\n\n".join(part for part in parts if part)
 
 

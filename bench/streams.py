@@ -9,6 +9,7 @@ stream count and a per-stream timeout.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,16 +19,26 @@ _HEAD_END = b"\r\n\r\n"
 
 @dataclass(frozen=True)
 class StreamOutcome:
-    ttfb: float
+    ttfb: float  # math.inf: no body byte arrived
     total: float
     error: str | None
+    events: int  # SSE events received, complete or not
 
 
 @dataclass
 class StreamStats:
+    # Completed streams only.
     ttfb: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
+    # Every stream tried, failed ones too (inf if no byte came): no survivor bias when
+    # most queued streams time out.
+    ttfb_all: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    # SSE events received in all streams: the work a relay did, failed streams included.
+    events: int = 0
+    # The same, counted as bytes arrive: another thread may read it mid-run (bench.plateau).
+    events_so_far: int = 0
+    first_bytes_so_far: int = 0
     seconds: float = 0.0
 
     @property
@@ -39,6 +50,8 @@ class StreamStats:
         return sum(self.errors.values())
 
     def add(self, outcome: StreamOutcome) -> None:
+        self.ttfb_all.append(outcome.ttfb)
+        self.events += outcome.events
         if outcome.error is None:
             self.ttfb.append(outcome.ttfb)
             self.total.append(outcome.total)
@@ -49,9 +62,10 @@ class StreamStats:
 class _StreamConnection(asyncio.Protocol):
     """One connection; `send()` starts a stream and returns a future for its outcome."""
 
-    def __init__(self, request: bytes, expected: bytes) -> None:
+    def __init__(self, request: bytes, expected: bytes, stats: StreamStats) -> None:
         self.request = request
         self.expected = expected
+        self.stats = stats
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self.waiter: asyncio.Future[StreamOutcome] | None = None
@@ -96,6 +110,7 @@ class _StreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_at = time.perf_counter()
+        self.stats.events_so_far += data.count(b"\n\n")
         self.buffer += data
         try:
             self._decode()
@@ -170,6 +185,7 @@ class _StreamConnection(asyncio.Protocol):
     def _append(self, data: bytes | bytearray) -> None:
         if data and not self.first_byte_at:
             self.first_byte_at = self.received_at
+            self.stats.first_bytes_so_far += 1
         self.body += data
 
     def _finish(self, error: str | None = None) -> None:
@@ -182,8 +198,12 @@ class _StreamConnection(asyncio.Protocol):
         if error is None and self.body != self.expected:
             error = "body differs from the upstream's"
         self.state = "done"
-        first = self.first_byte_at or done_at
-        waiter.set_result(StreamOutcome(first - self.sent_at, done_at - self.sent_at, error))
+        waiter.set_result(self.outcome(done_at, error))
+
+    def outcome(self, done_at: float, error: str | None) -> StreamOutcome:
+        ttfb = self.first_byte_at - self.sent_at if self.first_byte_at else math.inf
+        events = self.body.count(b"\n\n")
+        return StreamOutcome(ttfb, done_at - self.sent_at, error, events)
 
 
 async def run_streams(
@@ -195,36 +215,57 @@ async def run_streams(
     seconds: float,
     per_connection: int = 1000,
     stream_timeout: float = 60.0,
+    ramp: float = 0.0,
+    stats: StreamStats | None = None,
 ) -> StreamStats:
-    """`concurrency` connections to 127.0.0.1:`port`, each streaming until the deadline."""
+    """`concurrency` connections to 127.0.0.1:`port`, each streaming until the deadline.
+
+    With `ramp`, connection i opens i * ramp / concurrency seconds after the first, so that
+    thousands of clients arrive spread over that window rather than in one SYN burst.
+    """
     loop = asyncio.get_running_loop()
-    stats = StreamStats()
+    stats = StreamStats() if stats is None else stats
     deadline = loop.time() + seconds
 
-    async def one_connection() -> None:
+    async def one_connection(index: int) -> None:
         connection: _StreamConnection | None = None
+        if ramp:
+            await asyncio.sleep(index * ramp / concurrency)
         try:
             for _ in range(per_connection):
                 if loop.time() >= deadline:
                     return
                 if connection is None or connection.transport is None:
+                    connection = None  # a timeout while connecting is a connect timeout
                     _, connection = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: _StreamConnection(request, expected), "127.0.0.1", port
+                            lambda: _StreamConnection(request, expected, stats), "127.0.0.1", port
                         ),
                         stream_timeout,
                     )
                 stats.add(await asyncio.wait_for(connection.send(), stream_timeout))
-        except (TimeoutError, OSError) as exc:
+        except TimeoutError:
+            if connection is None:
+                stats.errors["connect timeout"] += 1
+            else:
+                stats.add(connection.outcome(time.perf_counter(), _timeout_kind(connection)))
+        except OSError as exc:
             stats.errors[type(exc).__name__] += 1
         finally:
             if connection is not None and connection.transport is not None:
                 connection.transport.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+    await asyncio.gather(*(one_connection(i) for i in range(concurrency)))
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _timeout_kind(connection: _StreamConnection) -> str:
+    """A queued stream (no byte yet) and a stalled one are different failures."""
+    if connection.first_byte_at:
+        return "timeout mid-stream"
+    return "timeout before first byte"
 
 
 def stream_request(port: int, key: str, body: bytes) -> bytes:
