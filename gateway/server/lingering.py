@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import struct
 import time
 
 from gunicorn import util
 
 LINGER_SECONDS = 2.0  # as gunicorn's close_graceful
+_ABORTIVE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 _MAX_DRAIN_BYTES = 65536
 
 
@@ -29,6 +31,9 @@ class Lingering:
         self._drained: dict[socket.socket, int] = {}
 
     def close(self, sock: socket.socket) -> None:
+        if _abortive(sock):
+            util.close(sock)  # the app cut its answer off: a reset now, never a clean end
+            return
         try:
             sock.shutdown(socket.SHUT_WR)
             sock.setblocking(False)
@@ -66,3 +71,11 @@ class Lingering:
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._poller.unregister(sock)
         util.close(sock)
+
+
+def _abortive(sock: socket.socket) -> bool:
+    """Whether the app asked for a reset (gateway.upstream.bodies.Client.cut)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(_ABORTIVE)) == _ABORTIVE
+    except OSError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import time
 from collections.abc import Iterator
@@ -197,3 +198,67 @@ def test_an_answer_dripped_byte_by_byte_meets_the_overall_deadline(
     while not raw_upstream.closed_at and time.monotonic() < deadline:
         time.sleep(0.05)
     assert raw_upstream.closed_at  # the provider saw the gateway hang up
+
+
+def _chunked(body: bytes, content_type: str = "application/json") -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head.encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+KEEP_ALIVE_ANSWERS = {
+    "json": lambda: json_answer(b'{"ok":1}'),
+    "gzip": lambda: json_answer(gzip.compress(b'{"ok":1}'), extra="Content-Encoding: gzip\r\n"),
+    "chunked": lambda: _chunked(b'{"ok":1}'),
+    "sse": lambda: _chunked(b"data: {}\n\ndata: [DONE]\n\n", "text/event-stream"),
+    "long": lambda: json_answer(b'{"x":"' + b"a" * (400 * 1024) + b'"}'),
+    "error": lambda: json_answer(b'{"error":{}}', status="400 Bad Request"),
+    "no-content": lambda: b"HTTP/1.1 204 No Content\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(KEEP_ALIVE_ANSWERS))
+def test_every_kind_of_complete_answer_keeps_the_provider_connection(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream, kind: str
+) -> None:
+    # The relay reads bodies in pieces now: reading one to its end must still hand the
+    # connection back to the pool (a new TCP and TLS handshake per call otherwise).
+    def answer(request: RawRequest, conn: socket.socket) -> bool:
+        conn.sendall(KEEP_ALIVE_ANSWERS[kind]())
+        return True
+
+    raw_upstream.answer = answer
+    gateway = start_gateway(TARGET_API_URL=raw_upstream.url, GUNICORN_THREADS="4")
+
+    statuses = [ask(gateway.url, GATEWAY_KEY, str(i)).status_code for i in range(3)]
+
+    assert set(statuses) <= {200, 204, 400}
+    assert len({request.connection for request in raw_upstream.requests}) == 1
+
+
+def test_a_long_answer_cut_for_an_http10_client_ends_in_a_reset(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream
+) -> None:
+    # HTTP/1.0 answers of unknown length end when the connection closes: a clean close
+    # after the provider died would read as a complete (truncated) body.
+    def answer(request: RawRequest, conn: socket.socket) -> bool:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        conn.sendall(head + b"Content-Length: 1000000\r\n\r\n" + b"b" * 400_000)
+        return False  # and the provider dies mid-answer
+
+    raw_upstream.answer = answer
+    gateway = start_gateway(TARGET_API_URL=raw_upstream.url)
+    body = b'{"model":"m"}'
+    request = (
+        b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer "
+        + GATEWAY_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    port = int(gateway.url.rsplit(":", 1)[1])
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        with pytest.raises(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.0 200") or received == b""
