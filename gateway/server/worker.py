@@ -29,6 +29,7 @@ import contextlib
 import errno
 import selectors
 import socket
+import sys
 import time
 from collections import deque
 from concurrent import futures
@@ -104,6 +105,7 @@ class GatewayThreadWorker(ThreadWorker):
     def run(self) -> None:
         # The app is loaded by now (preload_app): its settings are the gateway's settings.
         self.settings = self.wsgi.extensions["gateway.settings"]
+        sys.setswitchinterval(self.settings.gil_switch_interval)
         self.lingering = Lingering(self.poller)
         super().run()
 

@@ -48,6 +48,7 @@ def test_defaults() -> None:
     assert settings.max_request_body_bytes == 10 * 1024 * 1024
     assert settings.upstream_total_timeout == 900.0
     assert settings.max_response_body_bytes == 256 * 1024 * 1024
+    assert settings.gil_switch_interval == 0.05
     assert settings.gunicorn_workers == 1
     assert settings.gunicorn_threads == 2048
     assert dict(settings.upstream_proxies) == {}
@@ -72,6 +73,7 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
         MAX_REQUEST_BODY_BYTES="2048",
         UPSTREAM_TOTAL_TIMEOUT="120",
         MAX_RESPONSE_BODY_BYTES="4096",
+        GIL_SWITCH_INTERVAL="0.02",
         GUNICORN_WORKERS="3",
         GUNICORN_THREADS="32",
         REQUESTS_CA_BUNDLE="/etc/ssl/corp.pem",
@@ -93,6 +95,7 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert settings.max_request_body_bytes == 2048
     assert settings.upstream_total_timeout == 120.0
     assert settings.max_response_body_bytes == 4096
+    assert settings.gil_switch_interval == 0.02
     assert settings.gunicorn_workers == 3
     assert settings.gunicorn_threads == 32
     assert settings.upstream_ca_bundle == "/etc/ssl/corp.pem"
