@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
+from bench.procs import PeakRss, process_tree, rss_bytes
 from tests.constants import GATEWAY_KEY
 from tests.e2e.conftest import Gateway, GatewayFactory
 from tests.raw_upstream import RawRequest, RawUpstream, json_answer
@@ -30,47 +29,8 @@ SETTLED_SLACK = 30 * MB
 
 
 def tree_rss(pid: int) -> int:
-    """RSS of `pid` and its children, in bytes."""
-    total = 0
-    for member in [pid, *_children(pid)]:
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found.extend(int(child) for child in text)
-    return found
-
-
-class PeakRss:
-    """Samples a process tree's RSS every 20 ms in a thread; `peak` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, tree_rss(self.pid))
+    """RSS of `pid` and its children, in bytes (the bench's own sampler reads the same)."""
+    return rss_bytes(process_tree(pid))
 
 
 def tiny_objects_body(size: int) -> bytes:
@@ -146,7 +106,7 @@ def test_hostile_bodies_in_both_directions_keep_memory_bounded(
     post(0)  # warm-up: threads started, pages touched once
     idle = tree_rss(gateway.process.pid)
 
-    with PeakRss(gateway.process.pid) as rss:
+    with PeakRss(gateway.process.pid, interval=0.02) as rss:
         with ThreadPoolExecutor(8) as pool:
             statuses = [r.status_code for r in pool.map(post, range(8))]
         huge = received(gateway, "/v1/models/huge")
@@ -169,7 +129,7 @@ def test_a_gzip_bomb_is_cut_at_the_cap_without_inflating_in_memory(
     received(gateway, "/v1/models")  # warm-up
     idle = tree_rss(gateway.process.pid)
 
-    with PeakRss(gateway.process.pid) as rss:
+    with PeakRss(gateway.process.pid, interval=0.02) as rss:
         status, size = received(gateway, "/v1/models/bomb")
 
     assert status == 200  # its status line had gone out with the first 256 KiB
