@@ -297,6 +297,8 @@ class FakeUpstream:
                 # Wait for the cancellation, or the next request's read would collide with it.
                 with contextlib.suppress(asyncio.CancelledError):
                     await gone
+            elif not gone.cancelled():
+                gone.exception()  # a reset by the gateway: seen, not "never retrieved"
         return chunked
 
     def _note_disconnect(self, headers: dict[str, str], sent: int) -> None:
