@@ -117,28 +117,28 @@ def _attach(sock: Any) -> None:
         exchange.attach(sock)
 
 
-class _GatewayConnection(HTTPConnection):
-    response_class = FinalResponse
+class _Attaching:
+    """Reads past 1xx answers; hands the socket to the request's Exchange on connecting and
+    on every reuse of a pooled connection (mixed into urllib3's two connection classes)."""
+
+    response_class: type[http.client.HTTPResponse] = FinalResponse
+    sock: Any
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         _attach(self.sock)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _attach(self.sock)  # a pooled connection: already connected
-        super().request(*args, **kwargs)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _GatewayTLSConnection(HTTPSConnection):
-    response_class = FinalResponse
+class _GatewayConnection(_Attaching, HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        _attach(self.sock)
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self.sock)
-        super().request(*args, **kwargs)
+class _GatewayTLSConnection(_Attaching, HTTPSConnection):
+    pass
 
 
 class _Pool(HTTPConnectionPool):

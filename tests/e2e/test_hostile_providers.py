@@ -229,7 +229,15 @@ def test_every_kind_of_complete_answer_keeps_the_provider_connection(
     raw_upstream.answer = answer
     gateway = start_gateway(TARGET_API_URL=raw_upstream.url, GUNICORN_THREADS="4")
 
-    statuses = [ask(gateway.url, GATEWAY_KEY, str(i)).status_code for i in range(3)]
+    # One client connection: each call starts only after the previous one was released
+    # (separate connections could overlap a release and open a second upstream connection).
+    with requests.Session() as session:
+        body = {"model": "m", "messages": []}
+        headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+        statuses = [
+            session.post(gateway.url + CHAT, json=body, headers=headers, timeout=30).status_code
+            for _ in range(3)
+        ]
 
     assert set(statuses) <= {200, 204, 400}
     assert len({request.connection for request in raw_upstream.requests}) == 1
