@@ -77,7 +77,10 @@ def test_queued_requests_whose_clients_gave_up_never_reach_the_provider(
         return True
 
     raw_upstream.answer = answer
-    gateway = start_gateway(TARGET_API_URL=raw_upstream.url, GUNICORN_THREADS="1")
+    # A long QUEUE_TIMEOUT: the three must still be queued (not refused) when "hold" ends.
+    gateway = start_gateway(
+        TARGET_API_URL=raw_upstream.url, GUNICORN_THREADS="1", QUEUE_TIMEOUT="60"
+    )
 
     def post(marker: str, timeout: float) -> int | str:
         try:
