@@ -154,14 +154,19 @@ def test_request_beyond_capacity_gets_503_after_the_queue_timeout(
     assert refused.headers["Retry-After"] == "1"
     assert refused.headers["Connection"] == "close"
     assert waited >= 0.9, "answered before the queue timeout: it never waited for a thread"
+    # Logged by the main loop after it wrote the answer: give the line a moment.
+    logged = time.monotonic() + 10
+    while "no free thread" not in gateway.logs() and time.monotonic() < logged:
+        time.sleep(0.05)
     assert "no free thread" in gateway.logs()
 
     # Once the streams are gone, capacity is back.
+    # (A Response is falsy for a 503: the retry condition tests the status itself.)
     deadline = time.monotonic() + 20
-    while (status := requests.post(url, json={"model": "m"}, headers=auth, timeout=30)) and (
-        status.status_code == 503 and time.monotonic() < deadline
-    ):
+    status = requests.post(url, json={"model": "m"}, headers=auth, timeout=30)
+    while status.status_code == 503 and time.monotonic() < deadline:
         time.sleep(0.2)
+        status = requests.post(url, json={"model": "m"}, headers=auth, timeout=30)
     assert status.status_code == 200
     assert status.json() == completion_body("m")
 
