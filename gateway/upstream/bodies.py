@@ -96,13 +96,28 @@ def pieces(upstream: requests.Response, limit: int) -> Iterator[bytes]:
     upstream._content_consumed = True
 
 
-class SseRelay:
-    """An event stream's body: each chunk relayed as it arrives.
+class _AnswerRelay:
+    """A body relayed after the view returned: an object rather than a bare generator so
+    that `close()` (called by the WSGI server when the client goes away, even before the
+    first byte) always ends the exchange, and the provider stops generating at once."""
 
-    An object rather than a bare generator so that `close()` (called by the WSGI server
-    when the client goes away, even before the first chunk) always ends the exchange, and
-    the provider stops generating (and billing) at once.
-    """
+    def __init__(
+        self, exchange: Exchange, record: RequestRecord, scrubber: Scrubber, fail: Fail
+    ) -> None:
+        self._exchange = exchange
+        self._record = record
+        self._scrubber = scrubber
+        self._fail = fail
+        self._finished = False
+
+    def close(self) -> None:
+        self._exchange.release()
+        if not self._finished:
+            self._record.client_disconnected = True
+
+
+class SseRelay(_AnswerRelay):
+    """An event stream's body: each chunk relayed as it arrives."""
 
     def __init__(
         self,
@@ -112,12 +127,8 @@ class SseRelay:
         scrubber: Scrubber,
         fail: Fail,
     ) -> None:
-        self._exchange = exchange
+        super().__init__(exchange, record, scrubber, fail)
         self._chunks = chunks
-        self._record = record
-        self._scrubber = scrubber
-        self._fail = fail
-        self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
@@ -144,13 +155,8 @@ class SseRelay:
             yield held
         self._finished = True
 
-    def close(self) -> None:
-        self._exchange.release()
-        if not self._finished:
-            self._record.client_disconnected = True
 
-
-class BodyRelay:
+class BodyRelay(_AnswerRelay):
     """A body too long to read before answering: the head already read, then the rest.
 
     Its status line is gone by the time the rest can fail, so a failure (the provider
@@ -170,13 +176,9 @@ class BodyRelay:
         client: Client,
         count_usage: bool,
     ) -> None:
-        self._exchange = exchange
+        super().__init__(exchange, record, scrubber, fail)
         self._pieces = itertools.chain(head, rest)
-        self._record = record
-        self._scrubber = scrubber
-        self._fail = fail
         self._client = client
-        self._finished = False
         self._count_usage = count_usage
 
     def __iter__(self) -> Iterator[bytes]:
@@ -204,8 +206,3 @@ class BodyRelay:
             self._fail(exc or ConnectionError("cut off"))  # logged and counted
             self._finished = True  # the provider's failure, not the client's leaving
         self._client.cut()
-
-    def close(self) -> None:
-        self._exchange.release()
-        if not self._finished:
-            self._record.client_disconnected = True
