@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config
 from gateway.config import (
     DEFAULT_TARGET_API_URL,
     ENVIRONMENT_VARIABLES,
@@ -18,6 +17,7 @@ from gateway.config import (
     Settings,
     load_settings,
 )
+from gateway.config import settings as config
 from tests.constants import GATEWAY_KEY, SECOND_GATEWAY_KEY, UPSTREAM_KEY
 
 REQUIRED = {"ENV_FILE": "", "TARGET_API_KEY": UPSTREAM_KEY, "GATEWAY_API_KEYS": GATEWAY_KEY}
@@ -200,7 +200,7 @@ def test_start_up_with_bad_config_prints_one_line_and_no_traceback() -> None:
     script = "from gateway.config import load_settings; load_settings({'ENV_FILE': ''})"
     done = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=Path(config.__file__).parent.parent,
+        cwd=Path(config.__file__).parents[2],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,15 +10,26 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests.utils
 from dotenv import dotenv_values
 
+from gateway.config.file import FileError, read_gateway_file
+from gateway.config.schema import (
+    MIN_KEY_LENGTH,
+    Deployment,
+    KeyDefaults,
+    KeyPolicy,
+    ModelRoute,
+    Provider,
+    RoutingPolicy,
+)
+
 SERVICE_NAME = "ai-gateway"
 VERSION = "0.1.0"
 
-MIN_KEY_LENGTH = 8
 DEFAULT_TARGET_API_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
@@ -61,7 +72,11 @@ ENVIRONMENT_VARIABLES = (
     "CLIENT_WRITE_TIMEOUT",
     "QUEUE_TIMEOUT",
     "GIL_SWITCH_INTERVAL",
+    "GATEWAY_CONFIG",
+    "GATEWAY_ADMIN_KEY",
 )
+# The provider built from TARGET_API_URL/TARGET_API_KEY when no file names any.
+DEFAULT_PROVIDER = "default"
 
 
 class ConfigError(SystemExit):
@@ -125,15 +140,52 @@ class Settings:
     # probes timed out); 50 ms held all 2,000 with probes at p50 5 ms, max 0.2-0.35 s
     # (20 ms and 100 ms were worse). The threads are I/O-bound: they yield at every syscall.
     gil_switch_interval: float = 0.05
+    # The GATEWAY_CONFIG file, if any, and what it describes. Without providers, one
+    # provider ("default") is built from TARGET_API_URL/TARGET_API_KEY; without models,
+    # every model goes to the first provider.
+    gateway_config: str | None = None
+    providers: tuple[Provider, ...] = ()
+    routes: tuple[ModelRoute, ...] = ()
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    key_policies: tuple[KeyPolicy, ...] = ()
+    key_defaults: KeyDefaults = field(default_factory=KeyDefaults)
+    # The values of the keys named by key_env in the file: redacted from logs like the rest.
+    key_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # Guards the usage API (/v1/usage); empty: that API is off.
+    admin_api_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
+        _validate_target(self)
+        if not self.providers and self.target_api_key:
+            default = Provider(
+                name=DEFAULT_PROVIDER,
+                base_url=self.target_api_url,
+                api_key=self.target_api_key,
+                proxies=dict(self.upstream_proxies),
+            )
+            object.__setattr__(self, "providers", (default,))
+        if not self.routes and self.providers:
+            everything = ModelRoute(
+                name="*", deployments=(Deployment(provider=self.providers[0].name),)
+            )
+            object.__setattr__(self, "routes", (everything,))
         _validate(self)
+
+    def provider(self, name: str) -> Provider:
+        return next(p for p in self.providers if p.name == name)
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every value that must never appear in a log line or an error message."""
-        found = [self.target_api_key, *self.gateway_api_keys]
-        for uri in (self.rate_limit_storage_uri, *self.upstream_proxies.values()):
+        found = [
+            self.target_api_key,
+            *self.gateway_api_keys,
+            *self.key_secrets,
+            self.admin_api_key,
+            *(p.api_key for p in self.providers),
+        ]
+        proxies = [u for p in self.providers for u in p.proxies.values()]
+        for uri in (self.rate_limit_storage_uri, *self.upstream_proxies.values(), *proxies):
             password = urlsplit(uri).password or ""
             found.extend((password, unquote(password)))
         return tuple(s for s in found if s)
@@ -142,10 +194,13 @@ class Settings:
     def upstream_secrets(self) -> tuple[str, ...]:
         """The secrets a provider (or the proxy in front of it) could echo back to a client."""
         # Unquoted: the proxy receives (and could echo) the decoded password.
-        proxy_passwords = (
-            unquote(urlsplit(uri).password or "") for uri in self.upstream_proxies.values()
-        )
-        return tuple(s for s in (self.target_api_key, *proxy_passwords) if s)
+        proxies = {
+            *self.upstream_proxies.values(),
+            *(u for p in self.providers for u in p.proxies.values()),
+        }
+        proxy_passwords = (unquote(urlsplit(uri).password or "") for uri in proxies)
+        keys = (self.target_api_key, *(p.api_key for p in self.providers))
+        return tuple(dict.fromkeys(s for s in (*keys, *proxy_passwords) if s))
 
 
 def _validate(s: Settings) -> None:
@@ -154,23 +209,33 @@ def _validate(s: Settings) -> None:
     _validate_capacity(s)
 
 
-def _validate_upstream_and_keys(s: Settings) -> None:
-    if not s.target_api_key:
-        raise ConfigError("TARGET_API_KEY is required (the key sent to the upstream provider)")
-    if not s.gateway_api_keys or not all(s.gateway_api_keys):
-        raise ConfigError("GATEWAY_API_KEYS is required: comma-separated keys clients may use")
-    # Short keys are guessable, and the log redactor would blank every word containing one.
-    _require(
-        all(len(key) >= MIN_KEY_LENGTH for key in s.gateway_api_keys),
-        f"GATEWAY_API_KEYS: every key must be at least {MIN_KEY_LENGTH} characters",
-    )
-    _require_header_safe("TARGET_API_KEY", (s.target_api_key,))
-    _require_header_safe("GATEWAY_API_KEYS", s.gateway_api_keys)
+def _validate_target(s: Settings) -> None:
+    """TARGET_API_URL/TARGET_API_KEY, checked before the default provider is built of them."""
+    if s.target_api_key:
+        _require_header_safe("TARGET_API_KEY", (s.target_api_key,))
     url = urlsplit(s.target_api_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError("TARGET_API_URL must be an http:// or https:// URL with a host")
     # Paths such as /chat/completions are appended to it: a query would end up in between.
     _require(not url.query and not url.fragment, "TARGET_API_URL must not have a ?query or #")
+
+
+def _validate_upstream_and_keys(s: Settings) -> None:
+    if not s.providers:
+        raise ConfigError("TARGET_API_KEY is required (the key sent to the upstream provider)")
+    if not all(s.gateway_api_keys) or not (s.gateway_api_keys or s.key_policies):
+        raise ConfigError("GATEWAY_API_KEYS is required: comma-separated keys clients may use")
+    _require(
+        not s.admin_api_key or len(s.admin_api_key) >= MIN_KEY_LENGTH,
+        f"GATEWAY_ADMIN_KEY must be at least {MIN_KEY_LENGTH} characters",
+    )
+    _require_header_safe("GATEWAY_ADMIN_KEY", (s.admin_api_key,))
+    # Short keys are guessable, and the log redactor would blank every word containing one.
+    _require(
+        all(len(key) >= MIN_KEY_LENGTH for key in s.gateway_api_keys),
+        f"GATEWAY_API_KEYS: every key must be at least {MIN_KEY_LENGTH} characters",
+    )
+    _require_header_safe("GATEWAY_API_KEYS", s.gateway_api_keys)
     _require(s.upstream_connect_timeout > 0, "UPSTREAM_CONNECT_TIMEOUT must be > 0")
     _require(s.upstream_read_timeout > 0, "UPSTREAM_READ_TIMEOUT must be > 0")
     _require(
@@ -256,7 +321,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     reader = _Reader(env)
     target_api_url = reader.text("TARGET_API_URL", DEFAULT_TARGET_API_URL).rstrip("/")
     workers = reader.integer("GUNICORN_WORKERS", reader.integer("WEB_CONCURRENCY", 1))
+    file_settings = _file_settings(reader.text("GATEWAY_CONFIG", ""), env)
     return Settings(
+        **file_settings,
+        admin_api_key=reader.text("GATEWAY_ADMIN_KEY", ""),
         target_api_key=reader.text("TARGET_API_KEY", ""),
         gateway_api_keys=reader.csv("GATEWAY_API_KEYS", ()),
         target_api_url=target_api_url,
@@ -283,6 +351,30 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         queue_timeout=reader.number("QUEUE_TIMEOUT", 5.0),
         gil_switch_interval=reader.number("GIL_SWITCH_INTERVAL", 0.05),
     )
+
+
+def _file_settings(path: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """The Settings fields the GATEWAY_CONFIG file gives, if one is named."""
+    if not path:
+        return {}
+    try:
+        parsed = read_gateway_file(path, env)
+    except FileError as exc:
+        raise ConfigError(f"GATEWAY_CONFIG {path}: {exc}") from None
+    providers = tuple(
+        p.model_copy(update={"proxies": _proxies_for(p.base_url, env)})
+        for p in parsed.providers.values()
+    )
+    key_secrets = tuple(env[k.key_env].strip() for k in parsed.keys if k.key_env)
+    return {
+        "gateway_config": path,
+        "providers": providers,
+        "routes": parsed.routes(),
+        "routing": parsed.routing,
+        "key_policies": parsed.keys,
+        "key_defaults": parsed.defaults,
+        "key_secrets": key_secrets,
+    }
 
 
 def _multiproc_dir(env: Mapping[str, str], environ: Mapping[str, str] | None) -> str | None:
