@@ -20,6 +20,13 @@ PROTECTED_BLUEPRINT = "v1"
 class Caller:
     # A short, non-reversible id of the key: safe for logs, metrics and rate-limit keys.
     key_id: str
+    # The configured name of the key (GATEWAY_CONFIG keys), else None.
+    name: str | None = None
+
+    def allows(self, model: str) -> bool:
+        """Whether this key may use the public model `model` (its allow-list)."""
+        del model  # every key may use every model for now
+        return True
 
 
 def key_id(key: str) -> str:

@@ -21,7 +21,19 @@ class RequestRecord:
     route: str
     started: float = field(default_factory=time.perf_counter)
     key_id: str | None = None
+    # The key's configured name (GATEWAY_CONFIG keys), else None: logs and metrics use it.
+    key_name: str | None = None
     model: str | None = None
+    # Where it went: the provider and the provider's own model name of the attempt that
+    # answered (or the last one tried), and why each earlier attempt failed.
+    provider: str | None = None
+    upstream_model: str | None = None
+    attempts: list[str] = field(default_factory=list)
+    # The gateway added stream_options.include_usage: the usage chunk (and the "usage": null
+    # of other chunks) is the gateway's, removed from what the client receives.
+    inject_usage: bool = False
+    # The usage was estimated (the provider reported none, e.g. an aborted stream).
+    usage_estimated: bool = False
     stream: bool = False
     # The answer is an event stream being relayed (counted in gateway_streams_in_flight).
     event_stream: bool = False
