@@ -19,7 +19,7 @@ import requests
 from tests.constants import GATEWAY_KEY, UPSTREAM_KEY
 from tests.e2e.conftest import Gateway, GatewayFactory
 from tests.e2e.test_shutdown import StreamInFlight
-from tests.fake_upstream import expected_stream
+from tests.fake_upstream import FakeUpstream, expected_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -130,7 +130,7 @@ def test_an_invalid_value_on_hup_changes_nothing_and_keeps_the_stream(
 
     assert gateway.process.poll() is None, gateway.logs()
     [error] = errors_in(gateway)
-    assert error["level"] == "error"
+    assert error["level"] == "error"  # a logged line, not the dying master's stderr
     assert "UPSTREAM_READ_TIMEOUT" in error["message"]
     assert "traceback" not in error and "Traceback" not in gateway.logs()
     # Nothing was restarted: the stream's worker still serves, on the old configuration.
@@ -163,3 +163,40 @@ def test_a_stream_open_across_a_hup_finishes_and_the_next_request_is_new(
     assert stream.finished_at is not None and stream.finished_at > signalled_at
     assert gateway.process.poll() is None
     assert errors_in(gateway) == []
+
+
+def test_an_invalid_gateway_config_file_on_hup_is_refused_then_a_fixed_one_applies(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    provider = "providers:\n  local:\n    base_url: {}\n    api_key_env: TARGET_API_KEY\n"
+    config.write_text(provider.format(fake_upstream.url))
+    gateway = start_gateway(GATEWAY_CONFIG=str(config))
+    workers = worker_pids(gateway)
+
+    config.write_text(provider.format("not-a-url"))
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: errors_in(gateway) or gateway.process.poll() is not None,
+        "the reload to be refused",
+    )
+    assert gateway.process.poll() is None, gateway.logs()
+    [error] = errors_in(gateway)
+    assert error["level"] == "error"  # a logged line, not the dying master's stderr
+    assert "GATEWAY_CONFIG" in error["message"]
+    assert "providers.local.base_url" in error["message"]
+    assert worker_pids(gateway) == workers
+    assert status_with(gateway, OLD_KEY) == 200
+
+    # Fixed, with a second provider: accepted, and the old workers are replaced.
+    second = "  other:\n    base_url: {}\n    api_key_env: TARGET_API_KEY\n"
+    config.write_text(provider.format(fake_upstream.url) + second.format(fake_upstream.url))
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (pids := worker_pids(gateway)) and not pids & workers,
+        "the old workers to be replaced",
+    )
+    reloaded = [e for e in log_lines(gateway) if "configuration reloaded" in e["message"]]
+    assert len(reloaded) == 1 and "providers" in reloaded[0]["message"], reloaded
+    assert status_with(gateway, OLD_KEY) == 200
+    assert len(errors_in(gateway)) == 1
