@@ -78,9 +78,15 @@ class GatewayFactory:
     upstream_url: str
     started: list[Gateway] = field(default_factory=list)
 
-    def __call__(self, **env: str) -> Gateway:
+    def __call__(self, **env: str | None) -> Gateway:
+        """Start a gateway; a variable given as None is removed from the base environment."""
         port = free_port()
-        full_env = base_env(**{"PORT": str(port), "TARGET_API_URL": self.upstream_url, **env})
+        full_env = base_env(PORT=str(port), TARGET_API_URL=self.upstream_url)
+        for name, value in env.items():
+            if value is None:
+                full_env.pop(name, None)
+            else:
+                full_env[name] = value
         log_path = self.tmp_path / f"gateway-{port}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
