@@ -8,14 +8,11 @@ per-call merging of environment settings is work done once here instead.
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
-import orjson
 import requests
 import urllib3
 from flask import Response, current_app
@@ -23,7 +20,7 @@ from loguru import logger
 from requests.structures import CaseInsensitiveDict
 from werkzeug.datastructures import Headers
 
-from gateway.config import Provider, Settings
+from gateway.config import Settings
 from gateway.disconnects import CLIENT_GONE, DEADLINE, DisconnectWatcher
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
@@ -37,62 +34,22 @@ from gateway.upstream.bodies import (
     pieces,
 )
 from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
-from gateway.upstream.edits import edited
 from gateway.upstream.headers import forwarded, relayable_headers, upstream_request_id
+from gateway.upstream.providers import (
+    FALLBACK_SETTING,
+    AttemptObserver,
+    NoObserver,
+    Target,
+    body_for,
+    in_arrears,
+    is_stream,
+    retry_after,
+)
 from gateway.upstream.router import Candidate, Plan, Router, Slot
 from gateway.upstream.scrub import Scrubber, SecretMask
 
 NO_CLIENT = Client()  # the Flask test client and dev server hand over no socket
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Qwen3's hybrid-thinking models refuse a non-streamed call unless thinking is off; a client
-# that sets enable_thinking keeps its value (edits adds only what is absent).
-_DASHSCOPE_CHAT_DEFAULTS = {"enable_thinking": False}
-# What a failed attempt was, as counted in gateway_upstream_attempts_total{outcome} and
-# gateway_fallbacks_total{reason}; fallback_on names them by their configuration spelling.
-_FALLBACK_SETTING = {
-    "connect": "connect",
-    "timeout": "timeout",
-    "rate_limited": "429",
-    "server_error": "5xx",
-    "arrearage": "5xx",
-}
-
-
-class AttemptObserver(Protocol):
-    """Told of every attempt and fallback as it happens (the metrics, in the app)."""
-
-    def attempted(self, provider: str, model: str, outcome: str) -> None: ...
-
-    def fell_back(self, provider: str, model: str, reason: str) -> None: ...
-
-
-class _NoObserver:
-    def attempted(self, provider: str, model: str, outcome: str) -> None:
-        del provider, model, outcome
-
-    def fell_back(self, provider: str, model: str, reason: str) -> None:
-        del provider, model, reason
-
-
-@dataclass(frozen=True)
-class Target:
-    """How to reach one provider, computed once at start-up."""
-
-    base_url: str  # normalised once, as requests would send it
-    headers: Mapping[str, str]  # the provider's extra headers, then its Authorization
-    timeout: tuple[float, float]
-    proxies: Mapping[str, str]
-
-    @classmethod
-    def of(cls, provider: Provider, settings: Settings) -> Target:
-        headers = dict(provider.headers)
-        if provider.api_key:  # a local vLLM or Ollama may need none
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        timeout = (
-            provider.connect_timeout or settings.upstream_connect_timeout,
-            provider.read_timeout or settings.upstream_read_timeout,
-        )
-        return cls(_normalized_url(provider.base_url), headers, timeout, dict(provider.proxies))
 
 
 @dataclass
@@ -121,7 +78,7 @@ class UpstreamClient:
         observer: AttemptObserver | None = None,
     ) -> None:
         self.router = router or Router(settings)
-        self.observer = observer or _NoObserver()
+        self.observer = observer or NoObserver()
         self.targets = {p.name: Target.of(p, settings) for p in settings.providers}
         self.total_timeout = settings.upstream_total_timeout
         self.max_body = settings.max_response_body_bytes
@@ -205,7 +162,13 @@ class UpstreamClient:
             sent.method,
             target.base_url + sent.path_and_query,
             {**sent.headers, **target.headers},
-            self._body_for(candidate, sent.path, sent.body, record),
+            body_for(
+                candidate,
+                sent.path,
+                sent.body,
+                stream=record.stream,
+                include_usage=record.inject_usage,
+            ),
         )
         exchange = Exchange()
         # gunicorn hands the client's socket to the app: watched from before the request is
@@ -216,13 +179,13 @@ class UpstreamClient:
             try:
                 upstream = self._send(prepared, record, exchange, target)
             except GatewayError as error:
-                outcome = record.upstream_error or "error"
-                if exchange.ended_by is not None or outcome not in ("connect", "timeout"):
-                    raise  # the client left, the deadline passed, or the answer is broken
-                self._note(plan, candidate, outcome)
-                exchange.release()
+                outcome = record.upstream_error
+                if exchange.ended_by is not None or outcome is None:
+                    raise  # the client left, the deadline passed, or the request is invalid
+                self._note(plan, candidate, outcome)  # a redirect or garbage counts too
                 if not self._may_fall_back(plan, outcome):
                     raise
+                exchange.release()
                 return _Failed(candidate, outcome, error=error)
             outcome, retry_after, head = self._judge(upstream, candidate, record, exchange)
             self._note(plan, candidate, outcome, retry_after)
@@ -243,12 +206,12 @@ class UpstreamClient:
         """Whether the provider's answer is its failure: (outcome, Retry-After, body read)."""
         status = upstream.status_code
         if status == 429:
-            return "rate_limited", _retry_after(upstream.headers.get("Retry-After")), None
+            return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
         if status >= 500:
             return "server_error", None, None
-        if status == 400 and candidate.provider.kind == "dashscope" and not _is_stream(upstream):
+        if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
             head = self._read_head(pieces(upstream, self.max_body), record, exchange)
-            if head[1] and _arrears(b"".join(head[0])):
+            if head[1] and in_arrears(b"".join(head[0])):
                 return "arrearage", None, head
             return "ok", None, head
         return "ok", None, None
@@ -258,7 +221,6 @@ class UpstreamClient:
         if failed.error is not None:
             raise failed.error
         assert failed.upstream is not None and failed.exchange is not None
-        record.upstream_error = failed.outcome
         try:
             return self._answer(failed.upstream, record, failed.exchange, client, failed.head)
         except BaseException:
@@ -285,25 +247,7 @@ class UpstreamClient:
 
     @staticmethod
     def _may_fall_back(plan: Plan, outcome: str) -> bool:
-        return _FALLBACK_SETTING.get(outcome) in plan.policy.fallback_on
-
-    @staticmethod
-    def _body_for(
-        candidate: Candidate, path: str, body: bytes | None, record: RequestRecord
-    ) -> bytes | None:
-        if body is None:
-            return None
-        thinking = (
-            candidate.provider.kind == "dashscope"
-            and path == "/chat/completions"
-            and not record.stream
-        )
-        return edited(
-            body,
-            model=candidate.upstream_model if candidate.rewrite else None,
-            defaults=_DASHSCOPE_CHAT_DEFAULTS if thinking else None,
-            include_usage=record.inject_usage,
-        )
+        return FALLBACK_SETTING.get(outcome) in plan.policy.fallback_on
 
     def _send(
         self,
@@ -363,7 +307,7 @@ class UpstreamClient:
         status = upstream.status_code
         body = pieces(upstream, self.max_body)
         fail = lambda exc: self._translate(exc, record, exchange, mid_body=True)  # noqa: E731
-        if _is_stream(upstream):
+        if is_stream(upstream):
             headers.update(_STREAM_HEADERS)
             record.event_stream = True
             sse = SseRelay(exchange, body, record, Scrubber(self.mask), fail)
@@ -496,13 +440,6 @@ def _decodable(upstream: requests.Response) -> bool:
     return all(coding.strip() in known for coding in codings)
 
 
-def _normalized_url(url: str) -> str:
-    """The base URL as requests would send it (IDNA host, quoted path), computed once."""
-    prepared = requests.PreparedRequest()
-    prepared.prepare_url(url, None)
-    return (prepared.url or url).rstrip("/")
-
-
 def _caused_by_read_timeout(exc: Exception | None) -> bool:
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
         return True
@@ -565,38 +502,6 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
         second()
 
     return both
-
-
-def _is_stream(upstream: requests.Response) -> bool:
-    return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or odd."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _arrears(body: bytes) -> bool:
-    """Whether a DashScope 400 says the account is in arrears (it then serves nobody)."""
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(answer, dict):
-        return False
-    error = answer.get("error")
-    code = error.get("code") if isinstance(error, dict) else answer.get("code")
-    return code == "Arrearage"
 
 
 def upstream_for(model: str | None) -> Routed:
