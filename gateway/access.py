@@ -52,14 +52,15 @@ def finish_response(response: Response) -> Response:
 
 def _complete(record: RequestRecord, metrics: GatewayMetrics, streamed: bool) -> None:
     duration = record.elapsed()
-    metrics.requests.labels(record.route, record.method, str(record.status)).inc()
-    metrics.latency.labels(record.route).observe(duration)
+    provider, model = record.provider or "none", metrics.model_label(record.model)
+    metrics.requests.labels(record.route, record.method, str(record.status), provider, model).inc()
+    metrics.latency.labels(record.route, provider, model).observe(duration)
     if streamed:
         metrics.streams_in_flight.dec()
     if record.ttfb is not None:
-        metrics.stream_ttfb.observe(record.ttfb)
+        metrics.stream_ttfb.labels(provider, model).observe(record.ttfb)
     if record.upstream_error:
-        metrics.upstream_errors.labels(record.upstream_error).inc()
+        metrics.upstream_errors.labels(record.upstream_error, provider, model).inc()
     if record.usage:
         for kind in ("prompt_tokens", "completion_tokens"):
             if kind in record.usage:
@@ -82,6 +83,12 @@ def _log_access(record: RequestRecord, duration: float) -> None:
     }
     if record.ttfb is not None:
         fields["ttfb_ms"] = round(record.ttfb * 1000, 2)
+    # Routing: who answered, under which model name, and why earlier attempts failed.
+    if record.provider:
+        fields["provider"] = record.provider
+        fields["upstream_model"] = (record.upstream_model or "")[:200]
+    if record.attempts:
+        fields["attempts"] = record.attempts
     if record.upstream_request_id:
         fields["upstream_request_id"] = record.upstream_request_id
     if record.upstream_error:

@@ -17,7 +17,7 @@ from gateway.limits import init_rate_limits
 from gateway.logs import configure_logging
 from gateway.memory import return_large_buffers_to_the_system
 from gateway.metrics import GatewayMetrics
-from gateway.upstream import UpstreamClient
+from gateway.upstream import ModelCatalog, Router, UpstreamClient
 
 # Headers a browser client may read from our responses.
 _EXPOSED_HEADERS = [
@@ -39,8 +39,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body_bytes
     app.extensions["gateway.settings"] = settings
     app.extensions["gateway.keys"] = KeyRing(settings.gateway_api_keys)
-    app.extensions["gateway.upstream"] = UpstreamClient(settings)
     metrics = app.extensions["gateway.metrics"] = GatewayMetrics(settings)
+    # Routing state (cooldowns, in-flight counts) lives in the app: a reload builds anew.
+    router = Router(settings, on_cooldown=metrics.cooldown_changed)
+    metrics.before_scrape.append(router.refresh)
+    upstream = app.extensions["gateway.upstream"] = UpstreamClient(settings, router, metrics)
+    app.extensions["gateway.models"] = ModelCatalog(upstream)
     # Set on SIGTERM (see gunicorn.conf.py): /ready answers 503 while streams drain.
     app.extensions["gateway.draining"] = threading.Event()
     register_error_handlers(app)

@@ -6,6 +6,8 @@ set PROMETHEUS_MULTIPROC_DIR: values then live in shared files and `/metrics` ag
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Blueprint, Response, current_app
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -46,27 +48,58 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiproc_dir = settings.prometheus_multiproc_dir
         r = self.registry
+        # --- routing (issue #10): `provider` is the provider that answered ("none" if no
+        # provider was reached); `model` a configured public name, "other" or "none".
+        self.model_names = frozenset(
+            route.name for route in settings.routes if not route.is_pattern
+        )
+        # Called before each scrape (the router turns cooldowns that ended off).
+        self.before_scrape: list[Callable[[], None]] = []
         self.requests = Counter(
             "gateway_requests",
             "Requests answered",
-            ["route", "method", "status"],
+            ["route", "method", "status", "provider", "model"],
             registry=r,
         )
         self.latency = Histogram(
             "gateway_request_duration_seconds",
             "Time from request to the last byte sent",
-            ["route"],
+            ["route", "provider", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Upstream failures by kind", ["kind"], registry=r
+            "gateway_upstream_errors",
+            "Upstream failures by kind",
+            ["kind", "provider", "model"],
+            registry=r,
         )
         self.stream_ttfb = Histogram(
             "gateway_stream_ttfb_seconds",
             "Time from request to the first streamed byte",
+            ["provider", "model"],
             buckets=_TTFB_BUCKETS,
             registry=r,
+        )
+        self.attempts = Counter(
+            "gateway_upstream_attempts",
+            "Requests sent to a provider, by outcome (ok, connect, timeout, rate_limited, "
+            "server_error, arrearage)",
+            ["provider", "model", "outcome"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Times the next deployment was tried; provider is the one that failed",
+            ["provider", "model", "reason"],
+            registry=r,
+        )
+        self.cooldown = Gauge(
+            "gateway_deployment_cooldown",
+            "1 while a deployment is cooling down (skipped) in this process",
+            ["provider", "upstream_model"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.streams_in_flight = Gauge(
             "gateway_streams_in_flight",
@@ -84,7 +117,24 @@ class GatewayMetrics:
             "gateway_tokens", "Tokens reported by the upstream", ["kind"], registry=r
         )
 
+    def model_label(self, model: str | None) -> str:
+        """A bounded `model` label: configured public names, else "other" (or "none")."""
+        if not model:
+            return "none"
+        return model if model in self.model_names else "other"
+
+    def attempted(self, provider: str, model: str, outcome: str) -> None:
+        self.attempts.labels(provider, self.model_label(model), outcome).inc()
+
+    def fell_back(self, provider: str, model: str, reason: str) -> None:
+        self.fallbacks.labels(provider, self.model_label(model), reason).inc()
+
+    def cooldown_changed(self, deployment: tuple[str, str], cooling: bool) -> None:
+        self.cooldown.labels(*deployment).set(1 if cooling else 0)
+
     def exposition(self) -> bytes:
+        for step in self.before_scrape:
+            step()
         if self.multiproc_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiproc_dir)

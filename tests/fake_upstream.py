@@ -8,7 +8,11 @@ Each request scripts its own answer through an optional `"fake"` object in the J
 Keys: status, chunks, delay (between chunks), sleep_before (before the headers),
 die_after (abort the connection after N chunks), framing ("chunked" or "close"),
 usage (add a usage chunk), error_body (the body sent with a non-2xx status),
-embedding_size.
+headers (extra headers of a JSON answer, e.g. Retry-After), embedding_size.
+
+Several fakes stand for several providers: `forced` is a script every request gets, over
+its own (so that provider A fails while B, given the same body, answers), and `models`
+is what its `/models` lists.
 
 It records what it received (`requests`) and when a streaming client went away
 (`disconnects`), for tests to assert on. Run it alone with `python -m tests.fake_upstream`.
@@ -105,6 +109,8 @@ class FakeUpstream:
     # When each SSE chunk was written, by the gateway's X-Request-ID (time.monotonic()).
     chunk_times: dict[str, list[float]] = field(default_factory=dict)
     record: bool = True
+    forced: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=lambda: list(MODELS))
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -196,7 +202,7 @@ class FakeUpstream:
             with contextlib.suppress(orjson.JSONDecodeError):
                 loaded = orjson.loads(body)
                 payload = loaded if isinstance(loaded, dict) else {}
-        script: dict[str, Any] = payload.get("fake") or {}
+        script: dict[str, Any] = {**(payload.get("fake") or {}), **self.forced}
         if script.get("sleep_before"):
             await asyncio.sleep(float(script["sleep_before"]))
         status = int(script.get("status", 200))
@@ -206,10 +212,10 @@ class FakeUpstream:
                 "error": {"message": "fake upstream error", "type": "upstream", "code": "fake"},
                 "request_id": "fake-req-1",
             }
-            await self._send_json(writer, status, error)
+            await self._send_json(writer, status, error, script.get("headers"))
             return True
         if method == "GET" and route == "/models":
-            await self._send_json(writer, 200, {"object": "list", "data": MODELS})
+            await self._send_json(writer, 200, {"object": "list", "data": self.models})
             return True
         if method == "GET" and route.startswith("/models/"):
             model_id = route.removeprefix("/models/")
@@ -231,10 +237,18 @@ class FakeUpstream:
         await self._send_json(writer, 404, {"error": {"message": "no such route", "code": 404}})
         return True
 
-    async def _send_json(self, writer: asyncio.StreamWriter, status: int, body: Any) -> None:
+    async def _send_json(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: Any,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = orjson.dumps(body)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write(
             f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\n"
+            f"{extra}"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n"
             f"x-request-id: upstream-{next(self._ids)}\r\n"

@@ -78,9 +78,14 @@ class GatewayFactory:
     upstream_url: str
     started: list[Gateway] = field(default_factory=list)
 
-    def __call__(self, **env: str | None) -> Gateway:
-        """Start a gateway; a variable given as None is removed from the base environment."""
+    def __call__(self, config: str | None = None, **env: str | None) -> Gateway:
+        """A gateway with `env` over the base environment (a variable given as None is
+        removed from it); `config`: the text of a GATEWAY_CONFIG file."""
         port = free_port()
+        if config is not None:
+            path = self.tmp_path / f"gateway-{port}.yaml"
+            path.write_text(config)
+            env = {"GATEWAY_CONFIG": str(path), **env}
         full_env = base_env(PORT=str(port), TARGET_API_URL=self.upstream_url)
         for name, value in env.items():
             if value is None:
