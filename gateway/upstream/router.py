@@ -13,7 +13,8 @@ The rules, in the order they apply:
 - **Cooldown.** A deployment is skipped for `cooldown` after `failures_before_cooldown`
   failures in a row; after a 429 for its `Retry-After` (at most `max_cooldown`), else
   `rate_limited_cooldown`. A DashScope `Arrearage` cools every deployment of that
-  provider: the account serves no one. Any answer that is not a failure resets the count.
+  provider: the account serves no one. Any answer that is not a failure resets the count
+  (unless its request was sent before the last failure).
 - **Capacity.** A provider with `max_concurrent` requests in flight is skipped, as if it
   were cooling down, but without a penalty; the client answers 503 when all are full.
 
@@ -69,16 +70,17 @@ class _Health:
 class Slot:
     """A request in flight at one deployment; `release()` may be called any number of times."""
 
-    def __init__(self, router: Router, candidate: Candidate) -> None:
+    def __init__(self, router: Router, candidate: Candidate, started: float) -> None:
         self._router = router
-        self._candidate = candidate
+        self.candidate = candidate
+        self.started = started  # the router's clock when the attempt began
         self._released = False
 
     def release(self) -> None:
         with self._router._lock:
             if not self._released:
                 self._released = True
-                self._router._leave(self._candidate)
+                self._router._leave(self.candidate)
 
 
 class Router:
@@ -140,11 +142,15 @@ class Router:
                 return None
             self._provider_in_flight[name] += 1
             self._in_flight[candidate.key] += 1
-        return Slot(self, candidate)
+            return Slot(self, candidate, self._clock())
 
-    def succeeded(self, key: DeploymentKey) -> None:
+    def succeeded(self, key: DeploymentKey, started: float | None = None) -> None:
+        """Reset the count (and a cooldown), unless the attempt began before the last failure:
+        a slow answer to a request sent before a 429 says nothing about the deployment now."""
         with self._lock:
             health = self._health[key]
+            if started is not None and started < health.last_failure:
+                return
             health.failures = 0
             if health.cooling_until > self._clock():
                 health.cooling_until = float("-inf")

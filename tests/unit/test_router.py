@@ -250,6 +250,28 @@ def test_429_cools_down_for_retry_after_capped_by_max_cooldown() -> None:
     assert router.cooling() == []
 
 
+def test_a_success_begun_before_a_429_does_not_end_its_cooldown() -> None:
+    clock = Clock()
+    router = Router(settings({"m": [d("a"), d("b")]}), clock=clock)
+    a: DeploymentKey = ("a", "m")
+    plan = router.plan("m")
+    assert plan is not None
+    candidate = next(c for c in plan.candidates if c.key == a)
+    slow = router.acquire(candidate)  # a long answer, sent before the 429
+    assert slow is not None
+    clock.now += 1
+    router.failed(a, "rate_limited", retry_after=60)  # another request's 429
+    clock.now += 1
+
+    router.succeeded(a, slow.started)  # the slow one ends well: old news
+
+    assert router.cooling() == [a]
+    probe = router.acquire(candidate)  # sent after the 429: its success counts
+    assert probe is not None
+    router.succeeded(a, probe.started)
+    assert router.cooling() == []
+
+
 def test_arrearage_cools_every_deployment_of_that_provider() -> None:
     routes = {"m": [d("cn", "qwen-plus"), d("intl", "qwen-plus")], "n": [d("cn", "qwen-max")]}
     router = Router(settings(routes, cooldown=30), clock=Clock())
