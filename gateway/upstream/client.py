@@ -191,6 +191,7 @@ class UpstreamClient:
             self._note(plan, slot, outcome, retry_after)
             if outcome == "ok" or not self._may_fall_back(plan, outcome):
                 return self._answer(upstream, record, exchange, sent.client, head)
+            slot.release()  # it has answered: the answer kept is no work in flight there
             return _Failed(candidate, outcome, upstream=upstream, exchange=exchange, head=head)
         except BaseException:
             exchange.release()

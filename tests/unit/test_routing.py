@@ -319,6 +319,26 @@ def test_every_provider_at_capacity_is_a_503(
     held.release()
 
 
+def test_a_failed_attempt_frees_its_providers_slot_for_the_next(
+    make_app: MakeApp, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    # Two models of one provider that serves one request at a time: the first answers
+    # 503, which is no longer work in flight there, so the second may be tried.
+    capped = Provider(name="a", base_url=A_URL, api_key=A_KEY, max_concurrent=1)
+    deployments = (Deployment(provider="a", model="m1"), Deployment(provider="a", model="m2"))
+    app = make_app(providers=(capped,), routes=(ModelRoute(name="m", deployments=deployments),))
+    prefer_a(app)
+    upstream.post(f"{A_URL}/chat/completions", status=503, body=b'{"error":"busy"}')
+    upstream.post(f"{A_URL}/chat/completions", body=ANSWER, content_type="application/json")
+
+    response = chat(app.test_client(), auth, model="m")
+
+    assert response.status_code == 200
+    assert [sent_body(c)["model"] for c in upstream.calls] == ["m1", "m2"]
+    router = app.extensions["gateway.upstream"].router
+    assert [router.in_flight(k) for k in router.keys] == [0, 0]
+
+
 def test_a_key_of_another_provider_echoed_back_is_masked(
     app: Flask, client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
 ) -> None:
