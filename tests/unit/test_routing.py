@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +17,8 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy
+from gateway.upstream import ModelCatalog
+from tests.raw_upstream import RawRequest, RawUpstream
 from tests.unit.support import MakeApp, assert_openai_error
 
 CHAT = "/v1/chat/completions"
@@ -391,6 +396,75 @@ def test_models_are_cached_and_a_provider_that_is_down_is_skipped(
     assert first.status_code == second.status_code == 200
     assert {m["id"] for m in second.get_json()["data"]} == {"gpt-4o-mini", "llama3"}
     assert len(upstream.calls) == 2  # one fetch per provider, then the cache
+
+
+def test_concurrent_listings_share_one_fetch_per_provider(
+    app: Flask, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    fetches: list[str] = []
+    answer = threading.Event()
+
+    def slow_list(request: Any) -> tuple[int, dict[str, str], str]:
+        fetches.append(request.url)
+        answer.wait(10)
+        return 200, {}, json.dumps({"data": [{"id": "llama3"}]})
+
+    upstream.get(f"{A_URL}/models", json={"data": []})
+    upstream.add_callback(responses.GET, f"{B_URL}/models", callback=slow_list)
+    found: list[set[str]] = []
+
+    def list_models() -> None:
+        data = app.test_client().get("/v1/models", headers=auth).get_json()["data"]
+        found.append({m["id"] for m in data})
+
+    threads = [threading.Thread(target=list_models) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(100):  # without one fetch at a time, all four soon reach the provider
+        if len(fetches) == len(threads):
+            break
+        time.sleep(0.02)
+    answer.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert fetches == [f"{B_URL}/models"]
+    assert found == [{"gpt-4o-mini", "llama3"}] * len(threads)
+
+
+def test_a_provider_dripping_its_model_list_is_cut_at_the_deadline(
+    make_app: MakeApp, auth: dict[str, str]
+) -> None:
+    # A byte at a time, never silent long enough for the read timeout: only a deadline
+    # for the whole fetch stops it (else every /v1/models request waits on it).
+    def drip(request: RawRequest, conn: socket.socket) -> bool:
+        conn.sendall(json_head(100_000) + b'{"data": [')
+        for _ in range(400):  # at most 20 s
+            conn.sendall(b" ")
+            if dripping.wait_closed(conn, 0.05):
+                return False
+        return False
+
+    dripping = RawUpstream(drip).start()
+    try:
+        provider = Provider(name="slow", base_url=dripping.url, api_key=A_KEY)
+        routes = (ModelRoute(name="*", deployments=(Deployment(provider="slow"),)),)
+        app = make_app(providers=(provider,), routes=routes)
+        upstream = app.extensions["gateway.upstream"]
+        app.extensions["gateway.models"] = ModelCatalog(upstream, deadline=0.5)
+
+        response = app.test_client().get("/v1/models", headers=auth)
+    finally:
+        dripping.stop()
+
+    assert response.status_code == 200
+    assert response.get_json()["data"] == []
+    assert len(dripping.closed_at) == 1  # the gateway hung up, not the provider
+
+
+def json_head(length: int) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    return head.encode()
 
 
 @pytest.mark.parametrize(
