@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
 import threading
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy
 from gateway.upstream import ModelCatalog
+from gateway.upstream.providers import retry_after
 from tests.raw_upstream import RawRequest, RawUpstream
 from tests.unit.support import MakeApp, assert_openai_error
 
@@ -521,3 +523,37 @@ def test_retrieve_answers_from_the_same_list(
     }
     assert listed.get_json()["owned_by"] == "a"
     assert_openai_error(unknown, 404, "model_not_found")
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", 7.0),
+        (" 120 ", 120.0),
+        ("9" * 400, float("inf")),  # capped by max_cooldown in the router
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date gone by: now
+        ("", None),
+        (None, None),
+        # Not delay-seconds: the default cooldown, never "retry at once".
+        ("nan", None),
+        ("-5", None),
+        ("1_000", None),
+        ("1e3", None),
+        ("\u0663", None),  # an Arabic-Indic three
+        ("soon", None),
+        ("Mon, 99 Foo 2020 25:61:61 GMT", None),
+    ],
+)
+def test_retry_after_takes_digits_or_a_date_and_nothing_else(
+    header: str | None, seconds: float | None
+) -> None:
+    assert retry_after(header) == seconds
+
+
+def test_retry_after_a_date_without_a_zone_is_utc() -> None:
+    when = email.utils.formatdate(time.time() + 3600, usegmt=True).replace("GMT", "-0000")
+
+    found = retry_after(when)
+
+    assert found is not None
+    assert 3500 < found <= 3600
