@@ -8,6 +8,7 @@ would be routed to it by that route: fetched from its `/models`, kept for `ttl` 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,16 @@ from requests.structures import CaseInsensitiveDict
 
 from gateway.upstream.bodies import READ_ERRORS, AnswerTooLargeError, pieces
 from gateway.upstream.client import UpstreamClient
+from gateway.upstream.connection import Exchange, current_exchange
 from gateway.upstream.router import Router
 
 # A provider's model list is a few KB; anything much larger is not one.
 _MAX_LIST_BYTES = 4 * 1024 * 1024
-# A listing waits this long at most for a provider, which may be down.
+# A listing waits this long at most for a provider, which may be down: to connect, between
+# two bytes, and in all (a provider dripping its list a byte at a time never trips the read
+# timeout, and every /v1/models request would wait on it).
 _LIST_TIMEOUT = (5.0, 10.0)
+_LIST_DEADLINE = 10.0
 _MAX_ID_LENGTH = 256
 Listed = tuple[tuple[str, int], ...]  # (id, created) as the provider lists them
 
@@ -44,14 +49,19 @@ class ModelCatalog:
         *,
         ttl: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        deadline: float = _LIST_DEADLINE,
     ) -> None:
         self._client = client
         self._router: Router = client.router
         self._ttl = ttl
         self._clock = clock
+        self._deadline = deadline
         self._cache: dict[str, _Cached] = {}
         owners = [d.provider for r in self._router.pattern_routes for d in r.deployments]
         self._wildcard_providers = tuple(dict.fromkeys(owners))
+        # One fetch per provider at a time: concurrent listings wait for it (at most the
+        # deadline) instead of each sending its own when the cache expires.
+        self._fetching = {provider: threading.Lock() for provider in self._wildcard_providers}
 
     def models(self) -> list[dict[str, Any]]:
         found = {
@@ -75,10 +85,13 @@ class ModelCatalog:
         )
 
     def _listed(self, provider: str) -> Listed | None:
-        now = self._clock()
         cached = self._cache.get(provider)
-        if cached is None or cached.until <= now:
-            cached = self._cache[provider] = _Cached(self._fetch(provider), now + self._ttl)
+        if cached is None or cached.until <= self._clock():
+            with self._fetching[provider]:
+                cached = self._cache.get(provider)
+                if cached is None or cached.until <= self._clock():
+                    models = self._fetch(provider)
+                    cached = self._cache[provider] = _Cached(models, self._clock() + self._ttl)
         return cached.models
 
     def _fetch(self, provider: str) -> Listed | None:
@@ -88,6 +101,11 @@ class ModelCatalog:
         prepared.method = "GET"
         prepared.url = target.base_url + "/models"
         prepared.headers = CaseInsensitiveDict({**target.headers, "Accept": "application/json"})
+        exchange = Exchange()
+        exchange.unwatch = client.disconnects.watch(
+            None, exchange.end, time.monotonic() + self._deadline
+        )
+        token = current_exchange.set(exchange)
         try:
             upstream = client.adapter.send(
                 prepared,
@@ -97,8 +115,12 @@ class ModelCatalog:
                 proxies=dict(target.proxies),
             )
         except (requests.RequestException, ValueError) as exc:
+            exchange.release()
             logger.warning("cannot list the models of {}: {}", provider, type(exc).__name__)
             return None
+        finally:
+            current_exchange.reset(token)
+        exchange.hold(upstream)
         try:
             if upstream.status_code != 200:
                 logger.warning("{} answered {} to /models", provider, upstream.status_code)
@@ -108,7 +130,10 @@ class ModelCatalog:
             logger.warning("cannot list the models of {}: {}", provider, type(exc).__name__)
             return None
         finally:
-            upstream.close()
+            exchange.release()
+        if exchange.ended_by is not None:  # a close-delimited list, cut at the deadline
+            logger.warning("{} did not list its models within {:g} s", provider, self._deadline)
+            return None
         return self._parsed(provider, body)
 
     def _parsed(self, provider: str, body: bytes) -> Listed | None:

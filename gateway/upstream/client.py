@@ -182,15 +182,16 @@ class UpstreamClient:
                 outcome = record.upstream_error
                 if exchange.ended_by is not None or outcome is None:
                     raise  # the client left, the deadline passed, or the request is invalid
-                self._note(plan, candidate, outcome)  # a redirect or garbage counts too
+                self._note(plan, slot, outcome)  # a redirect or garbage counts too
                 if not self._may_fall_back(plan, outcome):
                     raise
                 exchange.release()
                 return _Failed(candidate, outcome, error=error)
             outcome, retry_after, head = self._judge(upstream, candidate, record, exchange)
-            self._note(plan, candidate, outcome, retry_after)
+            self._note(plan, slot, outcome, retry_after)
             if outcome == "ok" or not self._may_fall_back(plan, outcome):
                 return self._answer(upstream, record, exchange, sent.client, head)
+            slot.release()  # it has answered: the answer kept is no work in flight there
             return _Failed(candidate, outcome, upstream=upstream, exchange=exchange, head=head)
         except BaseException:
             exchange.release()
@@ -227,14 +228,13 @@ class UpstreamClient:
             failed.exchange.release()
             raise
 
-    def _note(
-        self, plan: Plan, candidate: Candidate, outcome: str, retry_after: float | None = None
-    ) -> None:
-        self.observer.attempted(candidate.provider.name, plan.route, outcome)
+    def _note(self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None) -> None:
+        key = slot.candidate.key
+        self.observer.attempted(slot.candidate.provider.name, plan.route, outcome)
         if outcome == "ok":
-            self.router.succeeded(candidate.key)
+            self.router.succeeded(key, slot.started)
         else:
-            self.router.failed(candidate.key, outcome, retry_after)
+            self.router.failed(key, outcome, retry_after)
 
     def _fall_back(
         self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str

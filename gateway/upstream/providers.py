@@ -3,6 +3,7 @@ mean for fallback, and the body it is sent (model rewrite, DashScope's defaults)
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import time
 from collections.abc import Mapping
@@ -95,17 +96,17 @@ def is_stream(upstream: requests.Response) -> bool:
 
 
 def retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or odd."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    """Retry-After in seconds: digits (RFC 9110's delay-seconds) or an HTTP date; None (the
+    default cooldown) for anything else: float() would take "nan", "-5", "1_000" or "٣"."""
+    value = (value or "").strip()
+    if value.isascii() and value.isdigit():
+        return float(value)  # a huge one is capped by max_cooldown
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # "-0000": UTC, with no claim about the local zone
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 

@@ -13,7 +13,8 @@ The rules, in the order they apply:
 - **Cooldown.** A deployment is skipped for `cooldown` after `failures_before_cooldown`
   failures in a row; after a 429 for its `Retry-After` (at most `max_cooldown`), else
   `rate_limited_cooldown`. A DashScope `Arrearage` cools every deployment of that
-  provider: the account serves no one. Any answer that is not a failure resets the count.
+  provider: the account serves no one. Any answer that is not a failure resets the count
+  (unless its request was sent before the last failure).
 - **Capacity.** A provider with `max_concurrent` requests in flight is skipped, as if it
   were cooling down, but without a penalty; the client answers 503 when all are full.
 
@@ -25,7 +26,6 @@ the route's pattern, so that the state and the cooldown gauge stay bounded.
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 from collections import Counter
@@ -70,16 +70,17 @@ class _Health:
 class Slot:
     """A request in flight at one deployment; `release()` may be called any number of times."""
 
-    def __init__(self, router: Router, candidate: Candidate) -> None:
+    def __init__(self, router: Router, candidate: Candidate, started: float) -> None:
         self._router = router
-        self._candidate = candidate
+        self.candidate = candidate
+        self.started = started  # the router's clock when the attempt began
         self._released = False
 
     def release(self) -> None:
         with self._router._lock:
             if not self._released:
                 self._released = True
-                self._router._leave(self._candidate)
+                self._router._leave(self.candidate)
 
 
 class Router:
@@ -100,7 +101,7 @@ class Router:
         patterns = [r for r in settings.routes if r.is_pattern]
         # sorted() is stable: equally specific patterns keep the file's order.
         patterns.sort(key=lambda r: -len(r.name.replace("*", "")))
-        self._patterns = [(_compiled(r.name), r) for r in patterns]
+        self._patterns = [(_glob(r.name), r) for r in patterns]
         self.keys = tuple(dict.fromkeys(_key(r, d) for r in settings.routes for d in r.deployments))
         self._lock = threading.Lock()
         self._health: dict[DeploymentKey, _Health] = {key: _Health() for key in self.keys}
@@ -120,7 +121,7 @@ class Router:
         found = self._exact.get(model)
         if found is not None:
             return found
-        return next((r for pattern, r in self._patterns if pattern.fullmatch(model)), None)
+        return next((r for matches, r in self._patterns if matches(model)), None)
 
     def plan(self, model: str) -> Plan | None:
         route = self.route(model)
@@ -141,11 +142,15 @@ class Router:
                 return None
             self._provider_in_flight[name] += 1
             self._in_flight[candidate.key] += 1
-        return Slot(self, candidate)
+            return Slot(self, candidate, self._clock())
 
-    def succeeded(self, key: DeploymentKey) -> None:
+    def succeeded(self, key: DeploymentKey, started: float | None = None) -> None:
+        """Reset the count (and a cooldown), unless the attempt began before the last failure:
+        a slow answer to a request sent before a 429 says nothing about the deployment now."""
         with self._lock:
             health = self._health[key]
+            if started is not None and started < health.last_failure:
+                return
             health.failures = 0
             if health.cooling_until > self._clock():
                 health.cooling_until = float("-inf")
@@ -246,11 +251,25 @@ def _key(route: ModelRoute, deployment: Deployment) -> DeploymentKey:
     return (deployment.provider, deployment.model or route.name)
 
 
-def _compiled(pattern: str) -> re.Pattern[str]:
-    # DOTALL: `*` means any characters, a newline included, so that no byte of a
-    # client's model name changes which route it matches except by the name itself.
-    parts = (re.escape(part) for part in pattern.split("*"))
-    return re.compile(".*".join(parts), re.DOTALL)
+def _glob(pattern: str) -> Callable[[str], bool]:
+    """Whether a model name matches `pattern`, where `*` is any run of characters (newlines
+    too) and nothing else is special. Linear in the name: a regex with several `.*`
+    backtracks, and `a*b*c` against a 1 MB model name ran for hours holding the GIL."""
+    first, *middle, last = pattern.split("*")
+
+    def matches(model: str) -> bool:
+        end = len(model) - len(last)
+        if end < len(first) or not model.startswith(first) or not model.endswith(last):
+            return False
+        position = len(first)
+        for part in middle:  # leftmost is always right when `*` is the only wildcard
+            found = model.find(part, position, end)
+            if found < 0:
+                return False
+            position = found + len(part)
+        return True
+
+    return matches
 
 
 def _ignore(key: DeploymentKey, on: bool) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -104,6 +106,39 @@ def test_odd_bytes_in_a_model_name_match_only_as_text(model: str) -> None:
     assert plan is not None
     assert plan.route == "qwen-*"
     assert plan.candidates[0].upstream_model == model
+
+
+@pytest.mark.parametrize(
+    ("model", "matched"),
+    [
+        ("a-x-b-y-c", True),
+        ("abc", True),
+        ("a-b", False),  # no "c" after the "b"
+        ("a-c-b", False),  # the parts in order
+        ("a-b-c-b", False),  # "c" must end it
+        ("ab-cb-c", True),
+        ("ac", False),
+    ],
+)
+def test_a_pattern_with_several_stars_matches_its_parts_in_order(model: str, matched: bool) -> None:
+    router = Router(settings({"a*b*c": [d("first")]}))
+
+    assert (router.plan(model) is not None) == matched
+
+
+def test_matching_a_huge_model_name_does_not_backtrack() -> None:
+    # A body may hold a 10 MB model name. A regex `a.*b.*c` against "a" + 1M "b"s backtracks
+    # quadratically (hours, with the GIL held: the whole worker stalls): run it apart.
+    code = (
+        "from tests.unit.test_router import Router, settings, d\n"
+        "router = Router(settings({'a*b*c': [d('first')], '*': [d('other')]}))\n"
+        "print(router.plan('a' + 'b' * 1_000_000).route)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+
+    assert done.stdout.strip() == "*"
 
 
 @pytest.mark.parametrize("model", ["qwen", "xqwen-plus", "gpt-4o-mini\x00", ""])
@@ -212,6 +247,28 @@ def test_429_cools_down_for_retry_after_capped_by_max_cooldown() -> None:
     clock.now += 9
     assert router.cooling() == [a]
     clock.now += 2
+    assert router.cooling() == []
+
+
+def test_a_success_begun_before_a_429_does_not_end_its_cooldown() -> None:
+    clock = Clock()
+    router = Router(settings({"m": [d("a"), d("b")]}), clock=clock)
+    a: DeploymentKey = ("a", "m")
+    plan = router.plan("m")
+    assert plan is not None
+    candidate = next(c for c in plan.candidates if c.key == a)
+    slow = router.acquire(candidate)  # a long answer, sent before the 429
+    assert slow is not None
+    clock.now += 1
+    router.failed(a, "rate_limited", retry_after=60)  # another request's 429
+    clock.now += 1
+
+    router.succeeded(a, slow.started)  # the slow one ends well: old news
+
+    assert router.cooling() == [a]
+    probe = router.acquire(candidate)  # sent after the 429: its success counts
+    assert probe is not None
+    router.succeeded(a, probe.started)
     assert router.cooling() == []
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +18,9 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy
+from gateway.upstream import ModelCatalog
+from gateway.upstream.providers import retry_after
+from tests.raw_upstream import RawRequest, RawUpstream
 from tests.unit.support import MakeApp, assert_openai_error
 
 CHAT = "/v1/chat/completions"
@@ -319,6 +326,26 @@ def test_every_provider_at_capacity_is_a_503(
     held.release()
 
 
+def test_a_failed_attempt_frees_its_providers_slot_for_the_next(
+    make_app: MakeApp, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    # Two models of one provider that serves one request at a time: the first answers
+    # 503, which is no longer work in flight there, so the second may be tried.
+    capped = Provider(name="a", base_url=A_URL, api_key=A_KEY, max_concurrent=1)
+    deployments = (Deployment(provider="a", model="m1"), Deployment(provider="a", model="m2"))
+    app = make_app(providers=(capped,), routes=(ModelRoute(name="m", deployments=deployments),))
+    prefer_a(app)
+    upstream.post(f"{A_URL}/chat/completions", status=503, body=b'{"error":"busy"}')
+    upstream.post(f"{A_URL}/chat/completions", body=ANSWER, content_type="application/json")
+
+    response = chat(app.test_client(), auth, model="m")
+
+    assert response.status_code == 200
+    assert [sent_body(c)["model"] for c in upstream.calls] == ["m1", "m2"]
+    router = app.extensions["gateway.upstream"].router
+    assert [router.in_flight(k) for k in router.keys] == [0, 0]
+
+
 def test_a_key_of_another_provider_echoed_back_is_masked(
     app: Flask, client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
 ) -> None:
@@ -371,6 +398,75 @@ def test_models_are_cached_and_a_provider_that_is_down_is_skipped(
     assert first.status_code == second.status_code == 200
     assert {m["id"] for m in second.get_json()["data"]} == {"gpt-4o-mini", "llama3"}
     assert len(upstream.calls) == 2  # one fetch per provider, then the cache
+
+
+def test_concurrent_listings_share_one_fetch_per_provider(
+    app: Flask, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    fetches: list[str] = []
+    answer = threading.Event()
+
+    def slow_list(request: Any) -> tuple[int, dict[str, str], str]:
+        fetches.append(request.url)
+        answer.wait(10)
+        return 200, {}, json.dumps({"data": [{"id": "llama3"}]})
+
+    upstream.get(f"{A_URL}/models", json={"data": []})
+    upstream.add_callback(responses.GET, f"{B_URL}/models", callback=slow_list)
+    found: list[set[str]] = []
+
+    def list_models() -> None:
+        data = app.test_client().get("/v1/models", headers=auth).get_json()["data"]
+        found.append({m["id"] for m in data})
+
+    threads = [threading.Thread(target=list_models) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(100):  # without one fetch at a time, all four soon reach the provider
+        if len(fetches) == len(threads):
+            break
+        time.sleep(0.02)
+    answer.set()
+    for thread in threads:
+        thread.join(30)
+
+    assert fetches == [f"{B_URL}/models"]
+    assert found == [{"gpt-4o-mini", "llama3"}] * len(threads)
+
+
+def test_a_provider_dripping_its_model_list_is_cut_at_the_deadline(
+    make_app: MakeApp, auth: dict[str, str]
+) -> None:
+    # A byte at a time, never silent long enough for the read timeout: only a deadline
+    # for the whole fetch stops it (else every /v1/models request waits on it).
+    def drip(request: RawRequest, conn: socket.socket) -> bool:
+        conn.sendall(json_head(100_000) + b'{"data": [')
+        for _ in range(400):  # at most 20 s
+            conn.sendall(b" ")
+            if dripping.wait_closed(conn, 0.05):
+                return False
+        return False
+
+    dripping = RawUpstream(drip).start()
+    try:
+        provider = Provider(name="slow", base_url=dripping.url, api_key=A_KEY)
+        routes = (ModelRoute(name="*", deployments=(Deployment(provider="slow"),)),)
+        app = make_app(providers=(provider,), routes=routes)
+        upstream = app.extensions["gateway.upstream"]
+        app.extensions["gateway.models"] = ModelCatalog(upstream, deadline=0.5)
+
+        response = app.test_client().get("/v1/models", headers=auth)
+    finally:
+        dripping.stop()
+
+    assert response.status_code == 200
+    assert response.get_json()["data"] == []
+    assert len(dripping.closed_at) == 1  # the gateway hung up, not the provider
+
+
+def json_head(length: int) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    return head.encode()
 
 
 @pytest.mark.parametrize(
@@ -427,3 +523,37 @@ def test_retrieve_answers_from_the_same_list(
     }
     assert listed.get_json()["owned_by"] == "a"
     assert_openai_error(unknown, 404, "model_not_found")
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", 7.0),
+        (" 120 ", 120.0),
+        ("9" * 400, float("inf")),  # capped by max_cooldown in the router
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date gone by: now
+        ("", None),
+        (None, None),
+        # Not delay-seconds: the default cooldown, never "retry at once".
+        ("nan", None),
+        ("-5", None),
+        ("1_000", None),
+        ("1e3", None),
+        ("\u0663", None),  # an Arabic-Indic three
+        ("soon", None),
+        ("Mon, 99 Foo 2020 25:61:61 GMT", None),
+    ],
+)
+def test_retry_after_takes_digits_or_a_date_and_nothing_else(
+    header: str | None, seconds: float | None
+) -> None:
+    assert retry_after(header) == seconds
+
+
+def test_retry_after_a_date_without_a_zone_is_utc() -> None:
+    when = email.utils.formatdate(time.time() + 3600, usegmt=True).replace("GMT", "-0000")
+
+    found = retry_after(when)
+
+    assert found is not None
+    assert 3500 < found <= 3600
