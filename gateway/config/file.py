@@ -21,7 +21,9 @@ class FileError(ValueError):
     """What is wrong with the file, as one line: `providers.x.base_url: not a URL`."""
 
 
-def read_gateway_file(path: str, env: Mapping[str, str]) -> GatewayFile:
+def read_gateway_file(path: str, env: Mapping[str, str]) -> tuple[GatewayFile, tuple[str, ...]]:
+    """The validated file, and the values `${VAR}` put into provider headers: an
+    `api-key: ${AZURE_KEY}` header is a secret to redact and mask like a provider key."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(_MAX_BYTES + 1)
@@ -41,11 +43,13 @@ def read_gateway_file(path: str, env: Mapping[str, str]) -> GatewayFile:
     if not isinstance(document, dict):
         raise FileError("the top level must be a mapping (providers:, models:, keys: ...)")
     _refuse_written_secrets(document)
+    raw_providers = document.get("providers")
     document = _interpolate(document, env, ())
     try:
-        return GatewayFile.model_validate(document, context={"env": env})
+        parsed = GatewayFile.model_validate(document, context={"env": env})
     except ValidationError as exc:
         raise FileError(_first_problem(exc)) from None
+    return parsed, _header_secrets(raw_providers, env)
 
 
 def _refuse_written_secrets(document: dict[str, Any]) -> None:
@@ -60,6 +64,16 @@ def _refuse_written_secrets(document: dict[str, Any]) -> None:
                     f"providers.{name}.api_key: write ${{VARIABLE}} or use api_key_env; "
                     "a key written in the file would end up in git and in ConfigMaps"
                 )
+
+
+def _header_secrets(providers: Any, env: Mapping[str, str]) -> tuple[str, ...]:
+    found: list[str] = []
+    for provider in (providers or {}).values() if isinstance(providers, dict) else ():
+        headers = provider.get("headers") if isinstance(provider, dict) else None
+        for value in (headers or {}).values() if isinstance(headers, dict) else ():
+            if isinstance(value, str):
+                found.extend(env[name] for name in _VARIABLE.findall(value) if env.get(name))
+    return tuple(found)
 
 
 def _interpolate(value: Any, env: Mapping[str, str], where: tuple[str, ...]) -> Any:

@@ -151,6 +151,9 @@ class Settings:
     key_defaults: KeyDefaults = field(default_factory=KeyDefaults)
     # The values of the keys named by key_env in the file: redacted from logs like the rest.
     key_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # Values `${VAR}` put into providers' extra headers (an Azure-style `api-key`): provider
+    # credentials, masked in answers and redacted from logs like the provider keys.
+    header_secrets: tuple[str, ...] = field(default=(), repr=False)
     # Guards the usage API (/v1/usage); empty: that API is off.
     admin_api_key: str = field(default="", repr=False)
 
@@ -181,6 +184,7 @@ class Settings:
             self.target_api_key,
             *self.gateway_api_keys,
             *self.key_secrets,
+            *self.header_secrets,
             self.admin_api_key,
             *(p.api_key for p in self.providers),
         ]
@@ -199,7 +203,7 @@ class Settings:
             *(u for p in self.providers for u in p.proxies.values()),
         }
         proxy_passwords = (unquote(urlsplit(uri).password or "") for uri in proxies)
-        keys = (self.target_api_key, *(p.api_key for p in self.providers))
+        keys = (self.target_api_key, *(p.api_key for p in self.providers), *self.header_secrets)
         return tuple(dict.fromkeys(s for s in (*keys, *proxy_passwords) if s))
 
 
@@ -358,7 +362,7 @@ def _file_settings(path: str, env: Mapping[str, str]) -> dict[str, Any]:
     if not path:
         return {}
     try:
-        parsed = read_gateway_file(path, env)
+        parsed, header_secrets = read_gateway_file(path, env)
     except FileError as exc:
         raise ConfigError(f"GATEWAY_CONFIG {path}: {exc}") from None
     providers = tuple(
@@ -374,6 +378,7 @@ def _file_settings(path: str, env: Mapping[str, str]) -> dict[str, Any]:
         "key_policies": parsed.keys,
         "key_defaults": parsed.defaults,
         "key_secrets": key_secrets,
+        "header_secrets": header_secrets,
     }
 
 

@@ -221,3 +221,17 @@ def test_the_committed_example_file_is_valid() -> None:
         plan = router.plan(model)
         assert plan is not None
         assert (plan.route, plan.candidates[0].upstream_model) == (route, upstream_model)
+
+
+def test_a_variable_in_a_provider_header_is_a_secret_like_a_key(tmp_path: Path) -> None:
+    azure = "azure-api-key-0123456789abcdef"
+    text = (
+        "providers:\n  azure:\n    base_url: https://x.openai.azure.com/openai/v1\n"
+        "    headers: {api-key: '${AZURE_KEY}', X-Title: my-app-title-long}\n"
+    )
+    settings = load(tmp_path, text, AZURE_KEY=azure)
+
+    assert settings.providers[0].headers["api-key"] == azure
+    assert azure in settings.secrets and azure in settings.upstream_secrets
+    # A header written in the file is no secret: masking it would corrupt answers.
+    assert "my-app-title-long" not in settings.upstream_secrets
