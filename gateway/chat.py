@@ -7,7 +7,9 @@ from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from gateway.errors import GatewayError
+from gateway.policy.enforce import admit
 from gateway.upstream import Client, upstream_for
+from gateway.upstream.edits import asked_for_usage, edited
 
 bp = Blueprint("chat", __name__)
 
@@ -33,7 +35,16 @@ def _relay(path: str) -> Response:
     record = g.record
     record.model = head.model
     record.stream = head.stream is True
-    # The body goes upstream as the client sent it: read for two fields, never re-serialised.
+    # The key's model list and token windows: refused here, before any upstream call.
+    admit(record, body, _max_tokens(head))
+    # Every stream is asked for its usage (its cost); when the client did not ask, the
+    # relay takes the usage back out, so the client gets the provider's bytes unchanged.
+    record.inject_usage = record.stream and path != "/embeddings" and not asked_for_usage(body)
+    # Until multi-provider routing (#10) lands, the one upstream's body is edited here; the
+    # router passes record.inject_usage to edited() for each attempt instead (drop this).
+    if record.inject_usage:
+        body = edited(body, include_usage=True)
+    # Otherwise the body goes upstream as the client sent it: read, never re-serialised.
     client = upstream_for(record.model)
     return client.relay(
         "POST",
@@ -82,6 +93,18 @@ class RequestHead(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
+    # What a request reserves of its key's tokens while in flight; kept raw, so that a
+    # value only the provider understands is the provider's to refuse.
+    max_tokens: msgspec.Raw | None = None
+    max_completion_tokens: msgspec.Raw | None = None
+
+
+def _max_tokens(head: RequestHead) -> int | None:
+    for raw in (head.max_completion_tokens, head.max_tokens):
+        text = bytes(raw).strip() if raw is not None else b""
+        if text.isdigit() and len(text) <= 9:
+            return int(text)
+    return None
 
 
 _HEAD_DECODER = msgspec.json.Decoder(RequestHead)
