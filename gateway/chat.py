@@ -46,7 +46,7 @@ def _relay(path: str) -> Response:
         body = edited(body, include_usage=True)
     # Otherwise the body goes upstream as the client sent it: read, never re-serialised.
     client = upstream_for(record.model)
-    return client.relay(
+    response = client.relay(
         "POST",
         path,
         record,
@@ -56,6 +56,9 @@ def _relay(path: str) -> Response:
         # gunicorn hands the client's socket to the app: watched for the client leaving.
         client=Client.of(request.environ),
     )
+    if not response.is_streamed:  # what an estimate takes for the completion, if need be
+        record.completion_bytes = response.calculate_content_length() or 0
+    return response
 
 
 def read_body() -> bytes:
