@@ -98,13 +98,13 @@ class RequestHead(msgspec.Struct):
     stream: bool | None = None
     # What a request reserves of its key's tokens while in flight; kept raw, so that a
     # value only the provider understands is the provider's to refuse.
-    max_tokens: msgspec.Raw | None = None
-    max_completion_tokens: msgspec.Raw | None = None
+    max_tokens: msgspec.Raw = msgspec.Raw()
+    max_completion_tokens: msgspec.Raw = msgspec.Raw()
 
 
 def _max_tokens(head: RequestHead) -> int | None:
     for raw in (head.max_completion_tokens, head.max_tokens):
-        text = bytes(raw).strip() if raw is not None else b""
+        text = bytes(raw).strip()
         if text.isdigit() and len(text) <= 9:
             return int(text)
     return None

@@ -78,8 +78,13 @@ class GatewayFactory:
     upstream_url: str
     started: list[Gateway] = field(default_factory=list)
 
-    def __call__(self, **env: str) -> Gateway:
+    def __call__(self, config: str | None = None, **env: str) -> Gateway:
+        """A gateway on a free port; `config` is written to a GATEWAY_CONFIG file."""
         port = free_port()
+        if config is not None:
+            path = self.tmp_path / f"gateway-{port}.yaml"
+            path.write_text(config)
+            env = {"GATEWAY_CONFIG": str(path), **env}
         full_env = base_env(**{"PORT": str(port), "TARGET_API_URL": self.upstream_url, **env})
         log_path = self.tmp_path / f"gateway-{port}.log"
         with log_path.open("wb") as log:

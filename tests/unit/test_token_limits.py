@@ -70,6 +70,23 @@ def test_tpm_admits_until_the_window_is_spent_then_429_without_an_upstream_call(
     assert first["x-ratelimit-reset-tokens"].endswith("s")
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "held"), [(b"50", 50), (b'"lots"', 0), (b"-3", 0), (b"1e3", 0), (b"null", 0)]
+)
+def test_max_tokens_is_held_while_in_flight_and_odd_values_are_the_providers(
+    make_app: MakeApp, upstream: responses.RequestsMock, max_tokens: bytes, held: int
+) -> None:
+    upstream.post(UPSTREAM_CHAT, json={"id": "c", "usage": SEVEN})
+    client = make_app(key_policies=(policy(tpm=1000),)).test_client()
+    body = b'{"model":"qwen-plus","max_tokens":' + max_tokens + b"}"
+
+    answer = post(client, body)
+
+    assert answer.status_code == 200 and upstream.calls[0].request.body == body
+    remaining = int(answer.headers["x-ratelimit-remaining-tokens"])
+    assert remaining == 1000 - reservation(len(body), None) - held
+
+
 def test_a_daily_quota_is_insufficient_quota_saying_when_it_resets(
     make_app: MakeApp, upstream: responses.RequestsMock
 ) -> None:
