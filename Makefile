@@ -31,9 +31,11 @@ bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk)
 	$(BIN)/python -m bench.run
 
-# The end-to-end tier starts a real redis-server; install it when missing.
+# The end-to-end tier starts a real redis-server and a real Prometheus (tests/monitoring,
+# which also runs promtool); install them when missing.
 system-deps:
 	@command -v redis-server >/dev/null || $(call apt_install,redis-server)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(call apt_install,prometheus)
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

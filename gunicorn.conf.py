@@ -2,6 +2,8 @@
 
 Values come from the same validated Settings as the app (gateway.config), so a bad
 environment stops start-up here with one line on stderr, before any worker forks.
+gunicorn executes this file again on SIGHUP, after gateway/server/reloading.py has checked
+the new settings and built the new app: it then reads the settings that reload accepted.
 """
 
 import contextlib
@@ -10,10 +12,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_settings
+from gateway import create_app
 from gateway.logs import configure_logging
+from gateway.server import reloading
 
-_settings = load_settings()
+_settings = reloading.settings_for_gunicorn()
 configure_logging(_settings)
 
 
@@ -75,10 +78,12 @@ control_socket_disable = True
 
 
 def on_starting(server: Any) -> None:
-    """Start with empty shared metrics files: stale ones would add a previous run's counts."""
+    """Start with empty shared metrics files: stale ones would add a previous run's counts.
+    A SIGHUP checks the new settings and builds the new app before gunicorn reloads."""
     if _settings.prometheus_multiproc_dir:
         for stale in Path(_settings.prometheus_multiproc_dir).glob("*.db"):
             stale.unlink()
+    reloading.check_reloads(server, _settings, create_app)
 
 
 def post_worker_init(worker: Any) -> None:

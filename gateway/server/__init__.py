@@ -6,9 +6,11 @@
 - `threads.py`: the request threads (stack size, started at boot).
 - `probes.py`: answering `/health` and `/ready` on the main loop, through the app.
 - `lingering.py`: closing client sockets gracefully without blocking the main loop.
+- `reloading.py`: SIGHUP in the master: new settings and app checked before any worker
+  is replaced (also imports `gateway.logs`; gunicorn.conf.py passes it the app factory).
 
 May import `gateway.config` and `gateway.errors` only (and gunicorn); the app reaches it
-only through gunicorn.conf.py's `worker_class`.
+only through gunicorn.conf.py's `worker_class` and hooks.
 """
 
 from gateway.server.worker import GatewayThreadWorker

@@ -78,14 +78,20 @@ class GatewayFactory:
     upstream_url: str
     started: list[Gateway] = field(default_factory=list)
 
-    def __call__(self, config: str | None = None, **env: str) -> Gateway:
-        """A gateway on a free port; `config` is written to a GATEWAY_CONFIG file."""
+    def __call__(self, config: str | None = None, **env: str | None) -> Gateway:
+        """Start a gateway; `config` is written to a GATEWAY_CONFIG file, and a variable
+        given as None is removed from the base environment."""
         port = free_port()
         if config is not None:
             path = self.tmp_path / f"gateway-{port}.yaml"
             path.write_text(config)
             env = {"GATEWAY_CONFIG": str(path), **env}
-        full_env = base_env(**{"PORT": str(port), "TARGET_API_URL": self.upstream_url, **env})
+        full_env = base_env(PORT=str(port), TARGET_API_URL=self.upstream_url)
+        for name, value in env.items():
+            if value is None:
+                full_env.pop(name, None)
+            else:
+                full_env[name] = value
         log_path = self.tmp_path / f"gateway-{port}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(

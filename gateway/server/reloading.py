@@ -1,0 +1,142 @@
+"""`kill -HUP <master>`: new settings and a new app, checked before any worker is replaced.
+
+gunicorn's own reload re-executes gunicorn.conf.py, then forks new workers and sends the
+old ones SIGTERM (they finish their requests and streams within graceful_timeout). Alone it
+is not enough here: with `preload_app` the new workers would serve the app cached at start,
+old keys and all, and a `ConfigError` raised while gunicorn.conf.py runs (a `SystemExit`)
+would end the master with every stream open. So the master checks first:
+
+1. load the settings (`load_settings`: the environment, ENV_FILE, GATEWAY_CONFIG) and build
+   the app from them, here in the master;
+2. if either fails: one error line says why, and nothing else happens (same workers, same
+   streams, same settings: a restart for nothing would also cut streams longer than
+   graceful_timeout and, with memory://, reset the rate-limit counters);
+3. otherwise: the new app replaces gunicorn's cached one, then gunicorn's reload runs.
+
+May import `gateway.config` and `gateway.logs`; the app factory is passed in by
+gunicorn.conf.py (only the entry points import it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from loguru import logger
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import configure_logging
+
+
+@dataclasses.dataclass
+class _InForce:
+    """The settings a running master is on: gunicorn.conf.py reads them when gunicorn
+    executes it again at a reload.
+
+    Module state on purpose: gunicorn executes gunicorn.conf.py afresh at every reload, so
+    the file cannot remember what was accepted, and loading again there could meet a file
+    changed since the check. This module is imported once per process and outlives those
+    executions. Set only in a gunicorn master (by `check_reloads`), so anything else that
+    executes gunicorn.conf.py (the deployment tests) still gets freshly loaded settings.
+    """
+
+    settings: Settings | None = None
+
+
+_in_force = _InForce()
+
+
+def settings_for_gunicorn() -> Settings:
+    """For gunicorn.conf.py: at start-up freshly loaded (a `ConfigError` then stops the
+    master with one line, as it should); in a running master, the settings it is on."""
+    return load_settings() if _in_force.settings is None else _in_force.settings
+
+
+def check_reloads(server: Any, settings: Settings, build_app: Callable[[Settings], Any]) -> None:
+    """From now on, the master's reload (SIGHUP) loads and builds the new configuration first.
+
+    `settings` are the ones gunicorn.conf.py gave gunicorn at start-up. The arbiter's HUP
+    handler calls `self.reload()`; gunicorn has no hook before it that could refuse a
+    reload, hence the wrapper on this one arbiter instance.
+    """
+    _in_force.settings = settings
+    gunicorn_reload = server.reload
+
+    def reload() -> None:
+        previous = settings_for_gunicorn()
+        accepted = _load_and_build(previous, build_app)
+        if accepted is None:
+            return
+        new_settings, app = accepted
+        _in_force.settings = new_settings
+        # gunicorn's reload keeps `callable`; setup() and the new workers' wsgi() return it.
+        server.app.callable = app
+        logger.info(
+            "configuration reloaded: {}; new workers serve it, requests in flight finish "
+            "on the previous one",
+            describe_changes(previous, new_settings),
+        )
+        gunicorn_reload()
+
+    server.reload = reload
+
+
+def _load_and_build(
+    previous: Settings, build_app: Callable[[Settings], Any]
+) -> tuple[Settings, Any] | None:
+    try:
+        settings = load_settings()
+    # Whatever fails, the master must go on serving: ConfigError is a SystemExit, and an
+    # unreadable file or a bug must not end the master either.
+    except (ConfigError, Exception) as error:  # noqa: BLE001
+        _refuse(_reason(error))
+        return None
+    if settings.port != previous.port:
+        # Rebinding under a running master would leave the container's published port, the
+        # Service and the probes pointing at nothing (or end the master if the port is taken).
+        logger.warning(
+            "PORT changed to {}: it applies at the next restart; still listening on {}",
+            settings.port,
+            previous.port,
+        )
+        settings = dataclasses.replace(settings, port=previous.port)
+    try:
+        return settings, build_app(settings)
+    except (ConfigError, Exception) as error:  # noqa: BLE001 - as above
+        configure_logging(previous)  # the factory configured logging for the new settings
+        _refuse(_reason(error))
+        return None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ConfigError):
+        return error.message  # names the variable (or file field), never a secret
+    if isinstance(error, OSError):
+        return str(error)  # a file that cannot be read: its name and why
+    # Anything else may quote the text it failed on, a secret included: its kind only.
+    return f"{type(error).__name__} while loading the new configuration"
+
+
+def _refuse(reason: str) -> None:
+    logger.error("configuration reload refused, the previous configuration stays: {}", reason)
+
+
+def describe_changes(previous: Settings, settings: Settings) -> str:
+    """Which settings changed, by name; keys as counts. Never a value: many are secrets."""
+    changed = [
+        f.name
+        for f in dataclasses.fields(settings)
+        if getattr(previous, f.name) != getattr(settings, f.name)
+    ]
+    if not changed:
+        return "no setting changed"
+    names = ", ".join(_with_key_counts(name, previous, settings) for name in changed)
+    return f"{len(changed)} setting{'s' if len(changed) > 1 else ''} changed: {names}"
+
+
+def _with_key_counts(name: str, previous: Settings, settings: Settings) -> str:
+    if name != "gateway_api_keys":
+        return name
+    before, after = set(previous.gateway_api_keys), set(settings.gateway_api_keys)
+    return f"gateway_api_keys ({len(after - before)} added, {len(before - after)} removed)"

@@ -1,0 +1,202 @@
+"""SIGHUP under real gunicorn: the configuration reloads without dropping a stream.
+
+The keys live in an ENV_FILE and not in the process environment (a real variable would
+win over the file), the way an operator rotates them in `.env`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import requests
+
+from tests.constants import GATEWAY_KEY, UPSTREAM_KEY
+from tests.e2e.conftest import Gateway, GatewayFactory
+from tests.e2e.test_shutdown import StreamInFlight
+from tests.fake_upstream import FakeUpstream, expected_stream
+
+pytestmark = pytest.mark.e2e
+
+OLD_KEY = GATEWAY_KEY
+NEW_KEY = "gw-test-key-rotated-5e1d9b7c"
+
+
+@pytest.fixture
+def env_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.env"
+    path.write_text(f"GATEWAY_API_KEYS={OLD_KEY}\n")
+    return path
+
+
+@pytest.fixture
+def gateway(start_gateway: GatewayFactory, env_file: Path) -> Gateway:
+    return start_gateway(
+        ENV_FILE=str(env_file), GATEWAY_API_KEYS=None, RATE_LIMIT_REQUESTS_PER_MINUTE="100000"
+    )
+
+
+def status_with(gateway: Gateway, key: str) -> int:
+    """The status of one request on a new connection (so any live worker may take it)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    return requests.get(gateway.url + "/v1/models", headers=headers, timeout=10).status_code
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def worker_pids(gateway: Gateway) -> set[int]:
+    """The master's live children (its workers), read from /proc."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # After the name in parentheses (which may hold spaces): state, then the parent pid.
+        state, ppid = text.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == gateway.process.pid and state != "Z":
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def log_lines(gateway: Gateway) -> list[dict[str, Any]]:
+    """Every line of the gateway's output; a line that is not JSON is kept as level "raw"."""
+    lines = []
+    for line in gateway.logs().splitlines():
+        if line.strip():
+            try:
+                lines.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                lines.append({"level": "raw", "message": line})
+    return lines
+
+
+def errors_in(gateway: Gateway) -> list[dict[str, Any]]:
+    return [e for e in log_lines(gateway) if e["level"] in ("error", "critical", "raw")]
+
+
+def assert_no_secret_in_logs(gateway: Gateway) -> None:
+    logs = gateway.logs()
+    for secret in (OLD_KEY, NEW_KEY, UPSTREAM_KEY):
+        assert secret not in logs
+
+
+def test_hup_applies_keys_rotated_in_the_env_file(gateway: Gateway, env_file: Path) -> None:
+    assert status_with(gateway, OLD_KEY) == 200
+    assert status_with(gateway, NEW_KEY) == 401
+    old_workers = worker_pids(gateway)
+
+    env_file.write_text(f"GATEWAY_API_KEYS={NEW_KEY}\n")
+    gateway.process.send_signal(signal.SIGHUP)
+    # Once every worker of the old configuration has exited, only the new one answers.
+    wait_for(
+        lambda: (pids := worker_pids(gateway)) and not pids & old_workers,
+        "the old workers to be replaced",
+    )
+
+    assert status_with(gateway, NEW_KEY) == 200
+    assert status_with(gateway, OLD_KEY) == 401
+    assert gateway.process.poll() is None
+    reloaded = [e for e in log_lines(gateway) if "configuration reloaded" in e["message"]]
+    assert len(reloaded) == 1 and reloaded[0]["level"] == "info", reloaded
+    assert "gateway_api_keys" in reloaded[0]["message"]
+    assert errors_in(gateway) == []
+    assert_no_secret_in_logs(gateway)
+
+
+def test_an_invalid_value_on_hup_changes_nothing_and_keeps_the_stream(
+    gateway: Gateway, env_file: Path
+) -> None:
+    workers = worker_pids(gateway)
+    stream = StreamInFlight(gateway, {"Authorization": f"Bearer {OLD_KEY}"}, chunks=12, delay=0.5)
+
+    # A rotated key beside a typo: none of the file may apply, the new key neither.
+    env_file.write_text(f"GATEWAY_API_KEYS={NEW_KEY}\nUPSTREAM_READ_TIMEOUT=soon\n")
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: errors_in(gateway) or gateway.process.poll() is not None,
+        "the reload to be refused",
+    )
+
+    assert gateway.process.poll() is None, gateway.logs()
+    [error] = errors_in(gateway)
+    assert error["level"] == "error"  # a logged line, not the dying master's stderr
+    assert "UPSTREAM_READ_TIMEOUT" in error["message"]
+    assert "traceback" not in error and "Traceback" not in gateway.logs()
+    # Nothing was restarted: the stream's worker still serves, on the old configuration.
+    assert worker_pids(gateway) == workers
+    assert status_with(gateway, OLD_KEY) == 200
+    assert status_with(gateway, NEW_KEY) == 401
+
+    stream.join(timeout=30)
+    assert stream.status == 200
+    assert bytes(stream.body) == expected_stream(12)
+    assert gateway.process.poll() is None
+    assert len(errors_in(gateway)) == 1
+    assert_no_secret_in_logs(gateway)
+
+
+def test_a_stream_open_across_a_hup_finishes_and_the_next_request_is_new(
+    gateway: Gateway, env_file: Path
+) -> None:
+    stream = StreamInFlight(gateway, {"Authorization": f"Bearer {OLD_KEY}"}, chunks=12, delay=0.5)
+
+    env_file.write_text(f"GATEWAY_API_KEYS={NEW_KEY}\n")
+    signalled_at = time.monotonic()
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: status_with(gateway, NEW_KEY) == 200, "the new key to be accepted")
+    assert status_with(gateway, OLD_KEY) == 401
+
+    stream.join(timeout=30)
+    assert stream.status == 200
+    assert bytes(stream.body) == expected_stream(12)
+    assert stream.finished_at is not None and stream.finished_at > signalled_at
+    assert gateway.process.poll() is None
+    assert errors_in(gateway) == []
+
+
+def test_an_invalid_gateway_config_file_on_hup_is_refused_then_a_fixed_one_applies(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    provider = "providers:\n  local:\n    base_url: {}\n    api_key_env: TARGET_API_KEY\n"
+    config.write_text(provider.format(fake_upstream.url))
+    gateway = start_gateway(GATEWAY_CONFIG=str(config))
+    workers = worker_pids(gateway)
+
+    config.write_text(provider.format("not-a-url"))
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: errors_in(gateway) or gateway.process.poll() is not None,
+        "the reload to be refused",
+    )
+    assert gateway.process.poll() is None, gateway.logs()
+    [error] = errors_in(gateway)
+    assert error["level"] == "error"  # a logged line, not the dying master's stderr
+    assert "GATEWAY_CONFIG" in error["message"]
+    assert "providers.local.base_url" in error["message"]
+    assert worker_pids(gateway) == workers
+    assert status_with(gateway, OLD_KEY) == 200
+
+    # Fixed, with a second provider: accepted, and the old workers are replaced.
+    second = "  other:\n    base_url: {}\n    api_key_env: TARGET_API_KEY\n"
+    config.write_text(provider.format(fake_upstream.url) + second.format(fake_upstream.url))
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (pids := worker_pids(gateway)) and not pids & workers,
+        "the old workers to be replaced",
+    )
+    reloaded = [e for e in log_lines(gateway) if "configuration reloaded" in e["message"]]
+    assert len(reloaded) == 1 and "providers" in reloaded[0]["message"], reloaded
+    assert status_with(gateway, OLD_KEY) == 200
+    assert len(errors_in(gateway)) == 1
