@@ -190,3 +190,30 @@ def test_a_key_with_rpm_0_has_no_request_limit(
     client = make_app(rate_limit_per_minute=2, key_policies=(policy(rpm=0),)).test_client()
 
     assert {client.get("/v1/models", headers=team()).status_code for _ in range(5)} == {200}
+
+
+def test_the_example_file_loads_with_the_readme_command() -> None:
+    example = Path(__file__).resolve().parents[2] / "gateway.example.yaml"
+    env = {"ENV_FILE": "", "GATEWAY_CONFIG": str(example), "TARGET_API_KEY": UPSTREAM_KEY}
+    settings = load_settings({**env, "TEAM_SEARCH_KEY": TEAM_KEY})
+    ring = KeyRing((), settings.key_policies, settings.key_defaults, 60)
+
+    search = ring.identify(TEAM_KEY)
+    assert search is not None and search.name == "team-search"
+    assert search.allows("qwen3-max") and not search.allows("deepseek-chat")
+    assert (search.rpm, search.tpm, search.tokens_per_day) == (120, 200000, 2000000)
+    names = {c.name: c for c in ring.callers}
+    assert names["intern-bot"].expires_at is not None and not names["old-app"].enabled
+
+
+def test_memory_storage_with_several_workers_is_refused_when_a_key_has_token_limits(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("keys:\n  - name: a\n    key_env: TEAM_A_KEY\n    tpm: 100\n")
+    env = {"ENV_FILE": "", "GATEWAY_CONFIG": str(path), "TARGET_API_KEY": UPSTREAM_KEY}
+    env |= {"TEAM_A_KEY": TEAM_KEY, "RATE_LIMIT_REQUESTS_PER_MINUTE": "0"}
+    env |= {"GUNICORN_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    with pytest.raises(SystemExit, match="RATE_LIMIT_STORAGE_URI"):
+        load_settings(env)
