@@ -58,25 +58,25 @@ def _complete(record: RequestRecord, metrics: GatewayMetrics, streamed: bool) ->
             hook(record)
         except Exception as exc:  # noqa: BLE001 - the request is over; log and count it anyway
             logger.opt(exception=exc).error("request completion hook failed")
-    metrics.requests.labels(record.route, record.method, str(record.status)).inc()
-    metrics.latency.labels(record.route).observe(duration)
+    provider, model = record.provider or "none", metrics.model_label(record.model)
+    metrics.requests.labels(record.route, record.method, str(record.status), provider, model).inc()
+    metrics.latency.labels(record.route, provider, model).observe(duration)
     if streamed:
         metrics.streams_in_flight.dec()
     if record.ttfb is not None:
-        metrics.stream_ttfb.observe(record.ttfb)
+        metrics.stream_ttfb.labels(provider, model).observe(record.ttfb)
     if record.upstream_error:
-        metrics.upstream_errors.labels(record.upstream_error).inc()
+        metrics.upstream_errors.labels(record.upstream_error, provider, model).inc()
     if record.key_id is not None:
-        _count_for_key(record, metrics)
+        _count_for_key(record, metrics, provider, model)
     _log_access(record, duration)
     request_id_var.set(None)
 
 
-def _count_for_key(record: RequestRecord, metrics: GatewayMetrics) -> None:
+def _count_for_key(
+    record: RequestRecord, metrics: GatewayMetrics, provider: str, model: str
+) -> None:
     key = record.key_name or record.key_id or ""
-    accepted = record.upstream_status is not None and 200 <= record.upstream_status < 300
-    model = metrics.model_label(record.model, may_add=accepted)
-    provider = record.provider or "default"  # one provider until routing (#10) names them
     metrics.key_requests.labels(key, model, provider, str(record.status)).inc()
     for kind in ("prompt_tokens", "completion_tokens"):
         if record.usage and kind in record.usage:
@@ -99,6 +99,12 @@ def _log_access(record: RequestRecord, duration: float) -> None:
     }
     if record.ttfb is not None:
         fields["ttfb_ms"] = round(record.ttfb * 1000, 2)
+    # Routing: who answered, under which model name, and why earlier attempts failed.
+    if record.provider:
+        fields["provider"] = record.provider
+        fields["upstream_model"] = (record.upstream_model or "")[:200]
+    if record.attempts:
+        fields["attempts"] = record.attempts
     if record.upstream_request_id:
         fields["upstream_request_id"] = record.upstream_request_id
     if record.upstream_error:

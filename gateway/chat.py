@@ -9,7 +9,7 @@ from gunicorn.http.errors import ParseException
 from gateway.errors import GatewayError
 from gateway.policy.enforce import admit
 from gateway.upstream import Client, upstream_for
-from gateway.upstream.edits import asked_for_usage, edited
+from gateway.upstream.edits import asked_for_usage
 
 bp = Blueprint("chat", __name__)
 
@@ -37,14 +37,11 @@ def _relay(path: str) -> Response:
     record.stream = head.stream is True
     # The key's model list and token windows: refused here, before any upstream call.
     admit(record, body, _max_tokens(head))
-    # Every stream is asked for its usage (its cost); when the client did not ask, the
-    # relay takes the usage back out, so the client gets the provider's bytes unchanged.
+    # Every stream is asked for its usage (its cost): the client sends each attempt's body
+    # with include_usage added when the client did not ask, and the relay takes the usage
+    # back out, so the client gets the provider's bytes unchanged. Otherwise the body goes
+    # upstream as the client sent it: read, never re-serialised.
     record.inject_usage = record.stream and path != "/embeddings" and not asked_for_usage(body)
-    # Until multi-provider routing (#10) lands, the one upstream's body is edited here; the
-    # router passes record.inject_usage to edited() for each attempt instead (drop this).
-    if record.inject_usage:
-        body = edited(body, include_usage=True)
-    # Otherwise the body goes upstream as the client sent it: read, never re-serialised.
     client = upstream_for(record.model)
     response = client.relay(
         "POST",

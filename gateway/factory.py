@@ -20,7 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import TokenBudget
 from gateway.policy.enforce import init_policy
 from gateway.policy.report import QuotaGauges
-from gateway.upstream import UpstreamClient
+from gateway.upstream import ModelCatalog, Router, UpstreamClient
 
 # Headers a browser client may read from our responses.
 _EXPOSED_HEADERS = [
@@ -50,8 +50,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.key_defaults,
         settings.rate_limit_per_minute,
     )
-    app.extensions["gateway.upstream"] = UpstreamClient(settings)
     metrics = app.extensions["gateway.metrics"] = GatewayMetrics(settings)
+    # Routing state (cooldowns, in-flight counts) lives in the app: a reload builds anew.
+    router = Router(settings, on_cooldown=metrics.cooldown_changed)
+    metrics.before_scrape.append(router.refresh)
+    upstream = app.extensions["gateway.upstream"] = UpstreamClient(settings, router, metrics)
+    app.extensions["gateway.models"] = ModelCatalog(upstream)
     # Set on SIGTERM (see gunicorn.conf.py): /ready answers 503 while streams drain.
     app.extensions["gateway.draining"] = threading.Event()
     register_error_handlers(app)

@@ -6,8 +6,7 @@ set PROMETHEUS_MULTIPROC_DIR: values then live in shared files and `/metrics` ag
 
 from __future__ import annotations
 
-import re
-import threading
+from collections.abc import Callable
 
 from flask import Blueprint, Response, current_app
 from prometheus_client import (
@@ -50,27 +49,58 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiproc_dir = settings.prometheus_multiproc_dir
         r = self.registry
+        # --- routing (issue #10): `provider` is the provider that answered ("none" if no
+        # provider was reached); `model` a configured public name, "other" or "none".
+        self.model_names = frozenset(
+            route.name for route in settings.routes if not route.is_pattern
+        )
+        # Called before each scrape (the router turns cooldowns that ended off).
+        self.before_scrape: list[Callable[[], None]] = []
         self.requests = Counter(
             "gateway_requests",
             "Requests answered",
-            ["route", "method", "status"],
+            ["route", "method", "status", "provider", "model"],
             registry=r,
         )
         self.latency = Histogram(
             "gateway_request_duration_seconds",
             "Time from request to the last byte sent",
-            ["route"],
+            ["route", "provider", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Upstream failures by kind", ["kind"], registry=r
+            "gateway_upstream_errors",
+            "Upstream failures by kind",
+            ["kind", "provider", "model"],
+            registry=r,
         )
         self.stream_ttfb = Histogram(
             "gateway_stream_ttfb_seconds",
             "Time from request to the first streamed byte",
+            ["provider", "model"],
             buckets=_TTFB_BUCKETS,
             registry=r,
+        )
+        self.attempts = Counter(
+            "gateway_upstream_attempts",
+            "Requests sent to a provider, by outcome (ok, connect, timeout, rate_limited, "
+            "server_error, arrearage)",
+            ["provider", "model", "outcome"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Times the next deployment was tried; provider is the one that failed",
+            ["provider", "model", "reason"],
+            registry=r,
+        )
+        self.cooldown = Gauge(
+            "gateway_deployment_cooldown",
+            "1 while a deployment is cooling down (skipped) in this process",
+            ["provider", "upstream_model"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.streams_in_flight = Gauge(
             "gateway_streams_in_flight",
@@ -103,8 +133,6 @@ class GatewayMetrics:
             ["key", "reason"],
             registry=r,
         )
-        # Clients choose model names: only so many become label values.
-        self.model_label = BoundedLabel(200)
         # Read at scrape time (the quota gauges read the shared token counters).
         self._live: list[Collector] = []
 
@@ -112,7 +140,24 @@ class GatewayMetrics:
         self._live.append(collector)
         self.registry.register(collector)
 
+    def model_label(self, model: str | None) -> str:
+        """A bounded `model` label: configured public names, else "other" (or "none")."""
+        if not model:
+            return "none"
+        return model if model in self.model_names else "other"
+
+    def attempted(self, provider: str, model: str, outcome: str) -> None:
+        self.attempts.labels(provider, self.model_label(model), outcome).inc()
+
+    def fell_back(self, provider: str, model: str, reason: str) -> None:
+        self.fallbacks.labels(provider, self.model_label(model), reason).inc()
+
+    def cooldown_changed(self, deployment: tuple[str, str], cooling: bool) -> None:
+        self.cooldown.labels(*deployment).set(1 if cooling else 0)
+
     def exposition(self) -> bytes:
+        for step in self.before_scrape:
+            step()
         if self.multiproc_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiproc_dir)
@@ -120,33 +165,6 @@ class GatewayMetrics:
                 registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
-
-
-class BoundedLabel:
-    """A client-chosen value as a label: plain and short, and at most `size` distinct ones
-    per process; anything else is "other", so a client cannot create unbounded series.
-    Only values the provider accepted (`may_add`) become new labels: a key sending made-up
-    model names cannot use up the set."""
-
-    _PLAIN = re.compile(r"[A-Za-z0-9._:/@+-]{1,100}")
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, value: str | None, may_add: bool = True) -> str:
-        if not value or not self._PLAIN.fullmatch(value):
-            return "other"
-        if value in self._seen:
-            return value
-        if not may_add:
-            return "other"
-        with self._lock:
-            if len(self._seen) < self._size:
-                self._seen.add(value)
-                return value
-        return "other"
 
 
 bp = Blueprint("metrics", __name__)

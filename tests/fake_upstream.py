@@ -7,14 +7,19 @@ Each request scripts its own answer through an optional `"fake"` object in the J
 
 Keys: status, chunks, delay (between chunks), sleep_before (before the headers),
 die_after (abort the connection after N chunks), framing ("chunked" or "close"),
-error_body (the body sent with a non-2xx status), embedding_size; and for usage:
-usage (the usage object reported instead of the default one, any JSON), no_usage (a JSON
-answer without one), usage_from_size (report ceil(body bytes / 4) prompt tokens and
-`max_tokens` completion tokens), usage_in_every_chunk.
+error_body (the body sent with a non-2xx status), headers (extra headers of a JSON
+answer, e.g. Retry-After), embedding_size; and for usage: usage (the usage object reported
+instead of the default one, any JSON), no_usage (a JSON answer without one),
+usage_from_size (report ceil(body bytes / 4) prompt tokens and `max_tokens` completion
+tokens), usage_in_every_chunk.
 
 Like OpenAI and DashScope, a stream reports usage only when the request asks for it with
 `stream_options.include_usage`: then every chunk carries `"usage":null` and a last chunk
 with `"choices":[]` carries the usage.
+
+Several fakes stand for several providers: `forced` is a script every request gets, over
+its own (so that provider A fails while B, given the same body, answers), and `models`
+is what its `/models` lists.
 
 It records what it received (`requests`) and when a streaming client went away
 (`disconnects`), for tests to assert on. Run it alone with `python -m tests.fake_upstream`.
@@ -108,7 +113,8 @@ def scripted_usage(payload: dict[str, Any], body: bytes, default: Any) -> Any:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-    return script.get("usage", default)
+    usage = script.get("usage", default)
+    return default if usage is True else usage  # "usage": true: the usual usage
 
 
 def completion_body(model: str) -> dict[str, Any]:
@@ -137,6 +143,8 @@ class FakeUpstream:
     # When each SSE chunk was written, by the gateway's X-Request-ID (time.monotonic()).
     chunk_times: dict[str, list[float]] = field(default_factory=dict)
     record: bool = True
+    forced: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=lambda: list(MODELS))
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -228,7 +236,7 @@ class FakeUpstream:
             with contextlib.suppress(orjson.JSONDecodeError):
                 loaded = orjson.loads(body)
                 payload = loaded if isinstance(loaded, dict) else {}
-        script: dict[str, Any] = payload.get("fake") or {}
+        script: dict[str, Any] = {**(payload.get("fake") or {}), **self.forced}
         if script.get("sleep_before"):
             await asyncio.sleep(float(script["sleep_before"]))
         status = int(script.get("status", 200))
@@ -238,10 +246,10 @@ class FakeUpstream:
                 "error": {"message": "fake upstream error", "type": "upstream", "code": "fake"},
                 "request_id": "fake-req-1",
             }
-            await self._send_json(writer, status, error)
+            await self._send_json(writer, status, error, script.get("headers"))
             return True
         if method == "GET" and route == "/models":
-            await self._send_json(writer, 200, {"object": "list", "data": MODELS})
+            await self._send_json(writer, 200, {"object": "list", "data": self.models})
             return True
         if method == "GET" and route.startswith("/models/"):
             model_id = route.removeprefix("/models/")
@@ -257,7 +265,9 @@ class FakeUpstream:
             return True
         if route in ("/chat/completions", "/completions") and method == "POST":
             if payload.get("stream") is True:
-                return await self._send_stream(writer, reader, headers, model, payload, body)
+                return await self._send_stream(
+                    writer, reader, headers, model, script, payload, body
+                )
             answer = completion_body(model)
             answer["usage"] = scripted_usage(payload, body, answer["usage"])
             if script.get("no_usage"):
@@ -267,10 +277,18 @@ class FakeUpstream:
         await self._send_json(writer, 404, {"error": {"message": "no such route", "code": 404}})
         return True
 
-    async def _send_json(self, writer: asyncio.StreamWriter, status: int, body: Any) -> None:
+    async def _send_json(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: Any,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = orjson.dumps(body)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write(
             f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\n"
+            f"{extra}"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n"
             f"x-request-id: upstream-{next(self._ids)}\r\n"
@@ -287,10 +305,10 @@ class FakeUpstream:
         reader: asyncio.StreamReader,
         headers: dict[str, str],
         model: str,
+        script: dict[str, Any],
         payload: dict[str, Any],
         body: bytes,
     ) -> bool:
-        script: dict[str, Any] = payload.get("fake") or {}
         chunked = script.get("framing", "chunked") == "chunked"
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"

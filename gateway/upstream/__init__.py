@@ -5,12 +5,16 @@
 - `connection.py`: the pooled adapter and its connections (1xx never taken for the
   answer) and the `Exchange` that another thread can end;
 - `bodies.py`: answer bodies relayed as they arrive, bounded and masked;
-- `headers.py`: which headers cross, each way; `scrub.py`: masking echoed secrets.
+- `headers.py`: which headers cross, each way; `scrub.py`: masking echoed secrets;
+- `router.py`: routes, deployment order, cooldowns and capacity (`Router`, `Plan`);
+- `catalog.py`: the model list of `/v1/models`; `edits.py`: the few body changes.
 
 May import gateway.config, errors, record, secrets and disconnects; never a blueprint.
 """
 
 from gateway.upstream.bodies import Client
-from gateway.upstream.client import UpstreamClient, upstream_for
+from gateway.upstream.catalog import ModelCatalog
+from gateway.upstream.client import Routed, UpstreamClient, upstream_for
+from gateway.upstream.router import Plan, Router
 
-__all__ = ["Client", "UpstreamClient", "upstream_for"]
+__all__ = ["Client", "ModelCatalog", "Plan", "Routed", "Router", "UpstreamClient", "upstream_for"]

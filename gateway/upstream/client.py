@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import http.client
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import requests
 import urllib3
@@ -34,31 +35,61 @@ from gateway.upstream.bodies import (
 )
 from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
 from gateway.upstream.headers import forwarded, relayable_headers, upstream_request_id
+from gateway.upstream.providers import (
+    FALLBACK_SETTING,
+    AttemptObserver,
+    NoObserver,
+    Target,
+    body_for,
+    in_arrears,
+    is_stream,
+    retry_after,
+)
+from gateway.upstream.router import Candidate, Plan, Router, Slot
 from gateway.upstream.scrub import Scrubber, SecretMask
 
 NO_CLIENT = Client()  # the Flask test client and dev server hand over no socket
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class UpstreamClient:
-    """Relays requests to one OpenAI-compatible base URL."""
+@dataclass
+class _Failed:
+    """An attempt that may fall back: its answer kept until the next attempt can start."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.base_url = _normalized_url(settings.target_api_url)
-        self.timeout = (
-            settings.upstream_connect_timeout,
-            settings.upstream_read_timeout,
-        )
+    candidate: Candidate
+    outcome: str
+    error: GatewayError | None = None  # the gateway's own 502/504, if nothing was answered
+    upstream: requests.Response | None = None
+    exchange: Exchange | None = None
+    head: tuple[list[bytes], bool] | None = None
+
+    def discard(self) -> None:
+        if self.exchange is not None:
+            self.exchange.release()  # closes an unread body: its connection is not reused
+
+
+class UpstreamClient:
+    """Relays requests to the providers, trying a plan's deployments until one answers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router | None = None,
+        observer: AttemptObserver | None = None,
+    ) -> None:
+        self.router = router or Router(settings)
+        self.observer = observer or NoObserver()
+        self.targets = {p.name: Target.of(p, settings) for p in settings.providers}
         self.total_timeout = settings.upstream_total_timeout
         self.max_body = settings.max_response_body_bytes
-        self.proxies = dict(settings.upstream_proxies)
         self.verify: bool | str = settings.upstream_ca_bundle or True
-        self._authorization = f"Bearer {settings.target_api_key}"
+        # Every provider's key (and proxy password) is masked in every answer: provider A
+        # could echo a key it should never have seen, or one that leaked to it some day.
         self.mask = SecretMask(settings.upstream_secrets)
         # Pool as large as the thread count: each thread can hold one upstream connection;
         # max_retries=0 because a POST to a model must never be silently sent twice.
         self.adapter = RelayAdapter(
-            pool_connections=4,
+            pool_connections=max(4, len(self.targets)),
             pool_maxsize=settings.gunicorn_threads,
             max_retries=0,
             pool_block=False,
@@ -71,6 +102,7 @@ class UpstreamClient:
 
     def relay(
         self,
+        plan: Plan,
         method: str,
         path: str,
         record: RequestRecord,
@@ -80,26 +112,149 @@ class UpstreamClient:
         query: bytes = b"",
         client: Client = NO_CLIENT,
     ) -> Response:
-        """Send one request upstream and turn its answer into the client's response."""
-        if query:  # as the client sent it, still percent-encoded
-            path = f"{path}?{query.decode('latin-1')}"
-        prepared = self._prepare(method, path, self._headers_for(client_headers, record), body)
-        exchange = Exchange()
+        """Send one request to the plan's deployments in turn, until one answers.
+
+        A deployment that cannot be reached, times out before its headers, answers 429 or
+        5xx (or DashScope's `Arrearage`) is followed by the next, at most `max_attempts`
+        in all and none started after `deadline`: all of it before the client has been
+        sent a byte. The last attempt's answer is relayed as the provider sent it.
+        """
+        headers = self._headers_for(client_headers, record)
         # A non-streamed answer has an overall deadline: a provider dripping it byte by
         # byte would never trip the read timeout. A stream may take as long as it streams.
         deadline = None if record.stream else time.monotonic() + self.total_timeout
+        policy = plan.policy
+        failed: _Failed | None = None
+        tried = 0
+        for candidate in plan.candidates:
+            if tried >= policy.max_attempts or (tried and record.elapsed() >= policy.deadline):
+                break
+            slot = self.router.acquire(candidate)
+            if slot is None:  # its provider has max_concurrent requests in flight
+                self._fall_back(plan, record, candidate, "capacity")
+                continue
+            if failed is not None:
+                failed.discard()
+                self._fall_back(plan, record, failed.candidate, failed.outcome)
+            tried += 1
+            sent = _Sent(method, path, query, headers, body, deadline, client)
+            result = self._attempt(plan, candidate, slot, sent, record)
+            if isinstance(result, Response):
+                return result
+            failed = result
+        if failed is None:
+            raise GatewayError(
+                503,
+                f"Every provider of '{plan.model[:100]}' is at its concurrency limit; retry.",
+                code="capacity_exceeded",
+            )
+        return self._relay_failure(failed, record, client)
+
+    def _attempt(
+        self, plan: Plan, candidate: Candidate, slot: Slot, sent: _Sent, record: RequestRecord
+    ) -> Response | _Failed:
+        """One deployment tried: its answer, or what failed if another may be tried."""
+        provider = candidate.provider.name
+        target = self.targets[provider]
+        record.provider, record.upstream_model = provider, candidate.upstream_model
+        record.upstream_error = record.upstream_status = record.upstream_request_id = None
+        prepared = self._prepare(
+            sent.method,
+            target.base_url + sent.path_and_query,
+            {**sent.headers, **target.headers},
+            body_for(
+                candidate,
+                sent.path,
+                sent.body,
+                stream=record.stream,
+                include_usage=record.inject_usage,
+            ),
+        )
+        exchange = Exchange()
         # gunicorn hands the client's socket to the app: watched from before the request is
         # sent, so a client that leaves (or left while queued) stops the provider's work.
-        exchange.unwatch = self.disconnects.watch(client.socket, exchange.end, deadline)
+        unwatch = self.disconnects.watch(sent.client.socket, exchange.end, sent.deadline)
+        exchange.unwatch = _both(unwatch, slot.release)
         try:
-            upstream = self._send(prepared, record, exchange)
-            return self._answer(upstream, record, exchange, client)
+            try:
+                upstream = self._send(prepared, record, exchange, target)
+            except GatewayError as error:
+                outcome = record.upstream_error
+                if exchange.ended_by is not None or outcome is None:
+                    raise  # the client left, the deadline passed, or the request is invalid
+                self._note(plan, candidate, outcome)  # a redirect or garbage counts too
+                if not self._may_fall_back(plan, outcome):
+                    raise
+                exchange.release()
+                return _Failed(candidate, outcome, error=error)
+            outcome, retry_after, head = self._judge(upstream, candidate, record, exchange)
+            self._note(plan, candidate, outcome, retry_after)
+            if outcome == "ok" or not self._may_fall_back(plan, outcome):
+                return self._answer(upstream, record, exchange, sent.client, head)
+            return _Failed(candidate, outcome, upstream=upstream, exchange=exchange, head=head)
         except BaseException:
             exchange.release()
             raise
 
+    def _judge(
+        self,
+        upstream: requests.Response,
+        candidate: Candidate,
+        record: RequestRecord,
+        exchange: Exchange,
+    ) -> tuple[str, float | None, tuple[list[bytes], bool] | None]:
+        """Whether the provider's answer is its failure: (outcome, Retry-After, body read)."""
+        status = upstream.status_code
+        if status == 429:
+            return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
+        if status >= 500:
+            return "server_error", None, None
+        if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
+            head = self._read_head(pieces(upstream, self.max_body), record, exchange)
+            if head[1] and in_arrears(b"".join(head[0])):
+                return "arrearage", None, head
+            return "ok", None, head
+        return "ok", None, None
+
+    def _relay_failure(self, failed: _Failed, record: RequestRecord, client: Client) -> Response:
+        """The last attempt failed: its answer as the provider sent it, or the gateway's error."""
+        if failed.error is not None:
+            raise failed.error
+        assert failed.upstream is not None and failed.exchange is not None
+        try:
+            return self._answer(failed.upstream, record, failed.exchange, client, failed.head)
+        except BaseException:
+            failed.exchange.release()
+            raise
+
+    def _note(
+        self, plan: Plan, candidate: Candidate, outcome: str, retry_after: float | None = None
+    ) -> None:
+        self.observer.attempted(candidate.provider.name, plan.route, outcome)
+        if outcome == "ok":
+            self.router.succeeded(candidate.key)
+        else:
+            self.router.failed(candidate.key, outcome, retry_after)
+
+    def _fall_back(
+        self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str
+    ) -> None:
+        record.attempts.append(f"{candidate.provider.name}: {reason}")
+        self.observer.fell_back(candidate.provider.name, plan.route, reason)
+        logger.bind(provider=candidate.provider.name, reason=reason).info(
+            "falling back from {} ({})", candidate.provider.name, reason
+        )
+
+    @staticmethod
+    def _may_fall_back(plan: Plan, outcome: str) -> bool:
+        return FALLBACK_SETTING.get(outcome) in plan.policy.fallback_on
+
     def _send(
-        self, prepared: requests.PreparedRequest, record: RequestRecord, exchange: Exchange
+        self,
+        prepared: requests.PreparedRequest,
+        record: RequestRecord,
+        exchange: Exchange,
+        target: Target,
     ) -> requests.Response:
         """The provider's status and headers (the body is still to be read), or a GatewayError."""
         if exchange.ended_by is not None:  # never sent: nobody is waiting for the answer
@@ -109,9 +264,9 @@ class UpstreamClient:
             upstream = self.adapter.send(
                 prepared,
                 stream=True,
-                timeout=self.timeout,
+                timeout=target.timeout,
                 verify=self.verify,
-                proxies=self.proxies,
+                proxies=dict(target.proxies),
             )
         except requests.RequestException as exc:
             raise self._translate(exc, record, exchange) from None
@@ -146,17 +301,18 @@ class UpstreamClient:
         record: RequestRecord,
         exchange: Exchange,
         client: Client,
+        head_read: tuple[list[bytes], bool] | None = None,
     ) -> Response:
         headers = relayable_headers(upstream.headers, self.mask)
         status = upstream.status_code
         body = pieces(upstream, self.max_body)
         fail = lambda exc: self._translate(exc, record, exchange, mid_body=True)  # noqa: E731
-        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if is_stream(upstream):
             headers.update(_STREAM_HEADERS)
             record.event_stream = True
             sse = SseRelay(exchange, body, record, Scrubber(self.mask), fail)
             return Response(sse, status=status, headers=headers)
-        head, complete = self._read_head(body, record, exchange)
+        head, complete = head_read or self._read_head(body, record, exchange)
         if not complete:
             rest = BodyRelay(
                 exchange,
@@ -193,15 +349,16 @@ class UpstreamClient:
             raise self._translate(None, record, exchange)
         return head, True
 
+    @staticmethod
     def _prepare(
-        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+        method: str, url: str, headers: dict[str, str], body: bytes | None
     ) -> requests.PreparedRequest:
         # Built directly rather than with PreparedRequest.prepare(): the base URL was
         # normalised once at start-up and the path is ours, so re-parsing both on every
         # request (and merging hooks, cookies and auth that a relay never has) is waste.
         prepared = requests.PreparedRequest()
         prepared.method = method
-        prepared.url = self.base_url + path
+        prepared.url = url
         if body is not None:
             headers["Content-Length"] = str(len(body))
         prepared.headers = CaseInsensitiveDict(headers)
@@ -211,8 +368,9 @@ class UpstreamClient:
     def _headers_for(
         self, client_headers: Mapping[str, str] | Headers, record: RequestRecord
     ) -> dict[str, str]:
+        # The provider's Authorization (and extra headers) are added per attempt: each
+        # provider's key goes to that provider only.
         headers = {k: v for k, v in client_headers.items() if forwarded(k.lower())}
-        headers["Authorization"] = self._authorization
         headers["X-Request-ID"] = record.request_id
         # Compressed JSON saves bandwidth to a remote provider; an SSE stream is sent plain so
         # that no decompressor sits between the provider's chunks and the client's.
@@ -252,7 +410,9 @@ class UpstreamClient:
         if isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc):
             record.upstream_error = "timeout"
             connect = isinstance(exc, requests.ConnectTimeout)
-            seconds = self.timeout[0] if connect else self.timeout[1]
+            target = self.targets.get(record.provider or "")
+            timeout = target.timeout if target is not None else (0.0, 0.0)
+            seconds = timeout[0] if connect else timeout[1]
             return GatewayError(504, f"The upstream did not answer within {seconds:g} s.")
         if mid_body:
             record.upstream_error = "stream_broken"
@@ -280,13 +440,6 @@ def _decodable(upstream: requests.Response) -> bool:
     return all(coding.strip() in known for coding in codings)
 
 
-def _normalized_url(url: str) -> str:
-    """The base URL as requests would send it (IDNA host, quoted path), computed once."""
-    prepared = requests.PreparedRequest()
-    prepared.prepare_url(url, None)
-    return (prepared.url or url).rstrip("/")
-
-
 def _caused_by_read_timeout(exc: Exception | None) -> bool:
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
         return True
@@ -301,7 +454,69 @@ def _protocol_error(exc: Exception) -> bool:
     return isinstance(cause, (http.client.BadStatusLine, http.client.LineTooLong))
 
 
-def upstream_for(model: str | None) -> UpstreamClient:
-    """The one place that picks the upstream for a request (model routing goes here)."""
-    del model  # a single upstream for now
-    return current_app.extensions["gateway.upstream"]
+@dataclass(frozen=True)
+class _Sent:
+    """What every attempt of one request sends (the body before its per-provider edits)."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: dict[str, str]
+    body: bytes | None
+    deadline: float | None
+    client: Client
+
+    @property
+    def path_and_query(self) -> str:
+        if not self.query:
+            return self.path
+        return f"{self.path}?{self.query.decode('latin-1')}"  # as sent, still percent-encoded
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A request's plan, bound to the client that carries it out."""
+
+    client: UpstreamClient
+    plan: Plan
+
+    def relay(
+        self,
+        method: str,
+        path: str,
+        record: RequestRecord,
+        client_headers: Mapping[str, str] | Headers,
+        *,
+        body: bytes | None = None,
+        query: bytes = b"",
+        client: Client = NO_CLIENT,
+    ) -> Response:
+        return self.client.relay(
+            self.plan, method, path, record, client_headers, body=body, query=query, client=client
+        )
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+def upstream_for(model: str | None) -> Routed:
+    """The one place that picks where a request goes: its route's deployments, in order.
+
+    A model without a route is a 404 `model_not_found`, before anything is sent anywhere.
+    """
+    client: UpstreamClient = current_app.extensions["gateway.upstream"]
+    plan = client.router.plan(model) if model is not None else None
+    if plan is None:
+        shown = (model or "")[:100]
+        raise GatewayError(
+            404,
+            f"The model '{shown}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    return Routed(client, plan)

@@ -147,3 +147,10 @@ def test_duration_parser(text: str, seconds: float) -> None:
 )
 def test_interpolation(value: str, expected: str) -> None:
     assert interpolate(value, {"B": "b", "E": ""}) == expected
+
+
+def test_the_commented_providers_file_is_the_example_mounted_where_documented() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    assert "#   - ./gateway.example.yaml:/etc/ai-gateway/gateway.yaml:ro" in text
+    assert "# GATEWAY_CONFIG: /etc/ai-gateway/gateway.yaml" in text
+    assert (REPO / "gateway.example.yaml").is_file()

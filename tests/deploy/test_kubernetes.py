@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 
 from gateway.config import ENVIRONMENT_VARIABLES, SERVICE_NAME, VERSION, ConfigError, load_settings
-from tests.deploy.conftest import SECRETS, app_for, bind_port, run_gunicorn_config
+from tests.deploy.conftest import REPO, SECRETS, app_for, bind_port, run_gunicorn_config
 from tests.deploy.parsers import Instruction, final_stage
 
 # A version kubernetes-validate ships schemas for (it works offline); autoscaling/v2 and
@@ -249,3 +249,21 @@ def test_image_is_the_compose_image_at_this_version(
     assert compose["services"]["gateway"]["image"] == gateway_container["image"]
     # No command or args: the image's CMD, the README's start command, runs.
     assert "command" not in gateway_container and "args" not in gateway_container
+
+
+def test_the_providers_config_map_is_the_example_file_mounted_where_documented(
+    k8s_documents: list[Document], gateway: Document, gateway_container: Document
+) -> None:
+    example = (REPO / "gateway.example.yaml").read_text()
+    config_map = find(k8s_documents, "ConfigMap", "ai-gateway-providers")
+    assert config_map["data"]["gateway.yaml"] == example
+    volumes = {v["name"]: v for v in pod_spec(gateway)["volumes"]}
+    mounts = {m["mountPath"]: m for m in gateway_container["volumeMounts"]}
+    mount = mounts["/etc/ai-gateway"]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["configMap"]["name"] == "ai-gateway-providers"
+    # The commented-out GATEWAY_CONFIG names the mounted file.
+    assert (
+        "# GATEWAY_CONFIG: /etc/ai-gateway/gateway.yaml"
+        in (REPO / "k8s-deployment.yaml").read_text()
+    )

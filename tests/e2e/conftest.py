@@ -79,8 +79,8 @@ class GatewayFactory:
     started: list[Gateway] = field(default_factory=list)
 
     def __call__(self, config: str | None = None, **env: str | None) -> Gateway:
-        """Start a gateway; `config` is written to a GATEWAY_CONFIG file, and a variable
-        given as None is removed from the base environment."""
+        """A gateway with `env` over the base environment (a variable given as None is
+        removed from it); `config`: the text of a GATEWAY_CONFIG file."""
         port = free_port()
         if config is not None:
             path = self.tmp_path / f"gateway-{port}.yaml"

@@ -53,10 +53,11 @@ def provider() -> Iterator[RawUpstream]:
     bomb = gzip_bomb(1024 * MB)
 
     def answer(request: RawRequest, conn: socket.socket) -> bool:
-        kind = request.path.rsplit("/", 1)[-1]
-        if kind == "completions":  # the adversarial request bodies: a short answer
+        # The answer is picked by the request's model (received() sends it).
+        kind = request.body[len(b'{"model":"') :].partition(b'"')[0].decode()
+        if kind == "m":  # the adversarial request bodies: a short answer
             conn.sendall(json_answer(b'{"ok": true}'))
-        elif kind == "huge":  # GET /v1/models/huge: 500 MB with a Content-Length
+        elif kind == "huge":  # 500 MB with a Content-Length
             head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             conn.sendall(head + b"Content-Length: %d\r\n\r\n" % (500 * MB))
             block = b"x" * MB
@@ -80,11 +81,13 @@ def provider() -> Iterator[RawUpstream]:
     upstream.stop()
 
 
-def received(gateway: Gateway, path: str) -> tuple[int, int]:
-    """GET `path`, reading the body in pieces: (status, bytes received)."""
+def received(gateway: Gateway, kind: str) -> tuple[int, int]:
+    """Ask for the `kind` of answer, reading the body in pieces: (status, bytes received)."""
     size = 0
-    url = gateway.url + path
-    with requests.get(url, headers=AUTH, stream=True, timeout=120) as response:
+    body = b'{"model":"%s","stream":%s}' % (kind.encode(), b"true" if kind == "event" else b"false")
+    with requests.post(
+        gateway.url + CHAT, data=body, headers=AUTH, stream=True, timeout=120
+    ) as response:
         try:
             for piece in response.iter_content(MB):
                 size += len(piece)
@@ -109,8 +112,8 @@ def test_hostile_bodies_in_both_directions_keep_memory_bounded(
     with PeakRss(gateway.process.pid, interval=0.02) as rss:
         with ThreadPoolExecutor(8) as pool:
             statuses = [r.status_code for r in pool.map(post, range(8))]
-        huge = received(gateway, "/v1/models/huge")
-        event = received(gateway, "/v1/models/event")
+        huge = received(gateway, "huge")
+        event = received(gateway, "event")
 
     assert statuses == [200] * 8
     assert huge == (200, 500 * MB)
@@ -126,11 +129,11 @@ def test_a_gzip_bomb_is_cut_at_the_cap_without_inflating_in_memory(
     start_gateway: GatewayFactory, provider: RawUpstream
 ) -> None:
     gateway = start_gateway(TARGET_API_URL=provider.url, MAX_RESPONSE_BODY_BYTES=str(64 * MB))
-    received(gateway, "/v1/models")  # warm-up
+    received(gateway, "m")  # warm-up
     idle = tree_rss(gateway.process.pid)
 
     with PeakRss(gateway.process.pid, interval=0.02) as rss:
-        status, size = received(gateway, "/v1/models/bomb")
+        status, size = received(gateway, "bomb")
 
     assert status == 200  # its status line had gone out with the first 256 KiB
     assert size <= 64 * MB  # then the connection was cut: never 1 GB

@@ -40,7 +40,9 @@ def test_chat_stream(gateway: Gateway) -> None:
 def test_models_list_and_retrieve(gateway: Gateway) -> None:
     client = sdk(gateway)
     assert [m.id for m in client.models.list()] == ["qwen-plus"]
-    assert client.models.retrieve("qwen-max").id == "qwen-max"
+    assert client.models.retrieve("qwen-plus").id == "qwen-plus"
+    with pytest.raises(openai.NotFoundError):  # answered from the same list
+        client.models.retrieve("qwen-max")
 
 
 def test_embeddings(gateway: Gateway) -> None:

@@ -54,7 +54,8 @@ def test_workers_sharing_redis_admit_exactly_n(
 def scraped_requests(gateway: Gateway, route: str) -> dict[str, float]:
     """Requests by status from /metrics, once the last access lines are counted (bounded)."""
     pattern = re.compile(
-        rf'gateway_requests_total{{method="GET",route="{route}",status="(\d+)"}} (\S+)'
+        rf'gateway_requests_total{{method="GET",(?:[^}}]*,)?route="{route}",'
+        rf'status="(\d+)"[^}}]*}} (\S+)'
     )
     deadline = time.monotonic() + 10
     counts: dict[str, float] = {}

@@ -23,19 +23,25 @@ def test_model_ids_cannot_walk_to_other_upstream_routes(
     upstream: responses.RequestsMock,
     model_path: str,
 ) -> None:
+    upstream.get(f"{UNIT_UPSTREAM}/models", json={"data": [{"id": "qwen-plus"}]})
+
     response = client.get(f"/v1/models/{model_path}", headers=auth)
 
     assert_openai_error(response, 404)
     assert response.json["error"]["code"] == "model_not_found"
-    assert len(upstream.calls) == 0
+    # Answered from the model list: the id never becomes part of an upstream path.
+    assert [call.request.url for call in upstream.calls] == [f"{UNIT_UPSTREAM}/models"]
 
 
-def test_model_id_with_a_slash_is_still_relayed(
+def test_model_id_with_a_slash_is_found(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
 ) -> None:
-    upstream.get(f"{UNIT_UPSTREAM}/models/Qwen/Qwen2.5-7B-Instruct", json={"id": "x"})
+    upstream.get(f"{UNIT_UPSTREAM}/models", json={"data": [{"id": "Qwen/Qwen2.5-7B-Instruct"}]})
 
-    assert client.get("/v1/models/Qwen/Qwen2.5-7B-Instruct", headers=auth).status_code == 200
+    response = client.get("/v1/models/Qwen/Qwen2.5-7B-Instruct", headers=auth)
+
+    assert response.status_code == 200
+    assert response.json["id"] == "Qwen/Qwen2.5-7B-Instruct"
 
 
 @pytest.mark.parametrize(
@@ -94,11 +100,11 @@ def test_upstream_redirect_is_a_502_not_relayed(
 def test_client_query_string_is_forwarded(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
 ) -> None:
-    upstream.get(f"{UNIT_UPSTREAM}/models?limit=2", json={"object": "list", "data": []})
+    upstream.post(f"{UPSTREAM_CHAT}?api-version=2", json={"id": "c"})
 
-    client.get("/v1/models?limit=2", headers=auth)
+    client.post(f"{CHAT}?api-version=2", json=BODY, headers=auth)
 
-    assert upstream.calls[0].request.url == f"{UNIT_UPSTREAM}/models?limit=2"
+    assert upstream.calls[0].request.url == f"{UPSTREAM_CHAT}?api-version=2"
 
 
 def test_double_slash_is_an_openai_404_not_a_redirect(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import DEFAULT_PROVIDER, ConfigError, Settings, load_settings
+from gateway.upstream import Router
 from tests.constants import GATEWAY_KEY, UPSTREAM_KEY
 
 DASHSCOPE_KEY = "sk-dashscope-cn-0123456789abcdef"
@@ -79,6 +80,15 @@ def test_the_example_file_becomes_providers_routes_and_keys(tmp_path: Path) -> N
     ]
     assert settings.routes[1].deployments[0].model is None
     assert settings.routing.max_attempts == 2
+    router = Router(settings)
+    for model, route, upstream_model in (
+        ("gpt-4o-mini", "gpt-4o-mini", "qwen-plus"),
+        ("qwen-max-latest", "qwen-*", "qwen-max-latest"),
+        ("llama3", "*", "llama3"),
+    ):
+        plan = router.plan(model)
+        assert plan is not None
+        assert (plan.route, plan.candidates[0].upstream_model) == (route, upstream_model)
     (team,) = settings.key_policies
     assert team.digest == hashlib.sha256(TEAM_KEY.encode()).digest()
     assert (team.models, team.tpm) == (("qwen-*",), 1000)
@@ -183,3 +193,31 @@ def test_a_key_named_by_a_variable_never_appears_in_the_refusal(tmp_path: Path) 
     found = refusal(tmp_path, text, TARGET_API_KEY=UPSTREAM_KEY, SHORT_KEY=short)
 
     assert "at least 8" in found and short not in found
+
+
+def test_the_committed_example_file_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "gateway.example.yaml"
+    env = {
+        "ENV_FILE": "",
+        "GATEWAY_CONFIG": str(example),
+        "GATEWAY_API_KEYS": GATEWAY_KEY,
+        "DASHSCOPE_API_KEY": DASHSCOPE_KEY,
+        "DASHSCOPE_INTL_API_KEY": INTL_KEY,
+    }
+
+    settings = load_settings(env)
+
+    assert [p.name for p in settings.providers] == ["dashscope-cn", "dashscope-intl", "local"]
+    assert [p.kind for p in settings.providers] == ["dashscope", "dashscope", "vllm"]
+    names = [r.name for r in settings.routes]
+    assert names == ["gpt-4o-mini", "gpt-4o", "qwen-plus", "qwen-*", "*"]
+    assert settings.routing.max_attempts == 2
+    router = Router(settings)
+    for model, route, upstream_model in (
+        ("gpt-4o-mini", "gpt-4o-mini", "qwen-plus"),
+        ("qwen-max-latest", "qwen-*", "qwen-max-latest"),
+        ("llama3", "*", "llama3"),
+    ):
+        plan = router.plan(model)
+        assert plan is not None
+        assert (plan.route, plan.candidates[0].upstream_model) == (route, upstream_model)

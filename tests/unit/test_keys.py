@@ -194,11 +194,12 @@ def test_a_key_with_rpm_0_has_no_request_limit(
 
 def test_the_example_file_loads_with_the_readme_command() -> None:
     example = Path(__file__).resolve().parents[2] / "gateway.example.yaml"
-    env = {"ENV_FILE": "", "GATEWAY_CONFIG": str(example), "TARGET_API_KEY": UPSTREAM_KEY}
-    settings = load_settings({**env, "TEAM_SEARCH_KEY": TEAM_KEY})
+    env = {"ENV_FILE": "", "GATEWAY_CONFIG": str(example), "GATEWAY_ADMIN_KEY": "admin-secret-1"}
+    env |= {"DASHSCOPE_API_KEY": UPSTREAM_KEY, "DASHSCOPE_INTL_API_KEY": UPSTREAM_KEY}
+    settings = load_settings(env)
     ring = KeyRing((), settings.key_policies, settings.key_defaults, 60)
 
-    search = ring.identify(TEAM_KEY)
+    search = ring.identify("team-search-key-example-1")  # as the README says
     assert search is not None and search.name == "team-search"
     assert search.allows("qwen3-max") and not search.allows("deepseek-chat")
     assert (search.rpm, search.tpm, search.tokens_per_day) == (120, 200000, 2000000)

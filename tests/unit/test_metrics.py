@@ -26,8 +26,16 @@ def _scrape(client: FlaskClient) -> dict[tuple[str, frozenset], float]:
     }
 
 
-def _requests(route: str, method: str, status: int) -> tuple[str, frozenset]:
-    labels = {"route": route, "method": method, "status": str(status)}
+def _requests(
+    route: str, method: str, status: int, provider: str = "none", model: str = "none"
+) -> tuple[str, frozenset]:
+    labels = {
+        "route": route,
+        "method": method,
+        "status": str(status),
+        "provider": provider,
+        "model": model,
+    }
     return ("gateway_requests_total", frozenset(labels.items()))
 
 
@@ -62,7 +70,8 @@ def test_requests_are_counted_by_route_and_status(
     assert samples[_requests("/v1/models", "GET", 401)] == 1
     assert samples[_requests("unmatched", "GET", 404)] == 1
     assert samples[_requests("/health", "GET", 200)] == 1
-    latency = ("gateway_request_duration_seconds_count", frozenset({("route", "/v1/models")}))
+    labels = {"route": "/v1/models", "provider": "none", "model": "none"}
+    latency = ("gateway_request_duration_seconds_count", frozenset(labels.items()))
     assert samples[latency] == 3
 
 
@@ -76,10 +85,12 @@ def test_upstream_errors_are_counted_by_kind(
 
     samples = _scrape(client)
 
-    assert samples[_requests(CHAT, "POST", 502)] == 1
-    assert samples[_requests(CHAT, "POST", 504)] == 1
-    assert samples[("gateway_upstream_errors_total", frozenset({("kind", "connect")}))] == 1
-    assert samples[("gateway_upstream_errors_total", frozenset({("kind", "timeout")}))] == 1
+    # The default route is "*": a model that is not a configured name is "other".
+    assert samples[_requests(CHAT, "POST", 502, "default", "other")] == 1
+    assert samples[_requests(CHAT, "POST", 504, "default", "other")] == 1
+    for kind in ("connect", "timeout"):
+        labels = {"kind": kind, "provider": "default", "model": "other"}
+        assert samples[("gateway_upstream_errors_total", frozenset(labels.items()))] == 1
 
 
 def test_tokens_reported_by_the_upstream_are_counted(
@@ -92,7 +103,8 @@ def test_tokens_reported_by_the_upstream_are_counted(
 
     samples = _scrape(client)
 
-    labels = {("key", key_id(GATEWAY_KEY)), ("model", "qwen-plus"), ("provider", "default")}
+    # "*" routes every model in these settings: the model label is "other".
+    labels = {("key", key_id(GATEWAY_KEY)), ("model", "other"), ("provider", "default")}
     prompt = frozenset({("kind", "prompt"), *labels})
     assert samples[("gateway_tokens_total", prompt)] == 24
     assert samples[("gateway_tokens_total", frozenset({("kind", "completion"), *labels}))] == 60
@@ -111,4 +123,5 @@ def test_finished_stream_is_no_longer_in_flight(
     assert _scrape(client)[in_flight] == 1
     response.close()
     assert _scrape(client)[in_flight] == 0
-    assert _scrape(client)[("gateway_stream_ttfb_seconds_count", frozenset())] == 1
+    ttfb = frozenset({("provider", "default"), ("model", "other")})
+    assert _scrape(client)[("gateway_stream_ttfb_seconds_count", ttfb)] == 1

@@ -240,46 +240,6 @@ def test_upstream_dropping_mid_body_is_502(
     assert b"chatcmpl-1" not in response.data
 
 
-def test_list_models_is_relayed(
-    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
-) -> None:
-    models = b'{"object":"list","data":[{"id":"qwen-plus","object":"model"}]}'
-    upstream.get(f"{UNIT_UPSTREAM}/models", body=models, content_type="application/json")
-
-    response = client.get("/v1/models", headers=auth)
-
-    assert response.status_code == 200
-    assert response.data == models
-    sent = upstream.calls[0].request
-    assert sent.method == "GET"
-    assert sent.url == f"{UNIT_UPSTREAM}/models"
-    assert sent.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
-
-
-@pytest.mark.parametrize("model_id", ["qwen-plus", "Qwen/Qwen2.5-7B-Instruct"])
-def test_retrieve_model_is_relayed_to_its_path(
-    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, model_id: str
-) -> None:
-    upstream.get(f"{UNIT_UPSTREAM}/models/{model_id}", json={"id": model_id, "object": "model"})
-
-    response = client.get(f"/v1/models/{model_id}", headers=auth)
-
-    assert response.status_code == 200
-    assert response.get_json()["id"] == model_id
-    assert upstream.calls[0].request.url == f"{UNIT_UPSTREAM}/models/{model_id}"
-
-
-def test_missing_model_upstream_404_is_relayed(
-    client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
-) -> None:
-    upstream.get(f"{UNIT_UPSTREAM}/models/gone", status=404, body=DASHSCOPE_ERROR)
-
-    response = client.get("/v1/models/gone", headers=auth)
-
-    assert response.status_code == 404
-    assert response.data == DASHSCOPE_ERROR
-
-
 @pytest.mark.parametrize("path", ["/completions", "/embeddings"])
 def test_completions_and_embeddings_are_relayed(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, path: str

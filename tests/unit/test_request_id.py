@@ -12,6 +12,8 @@ from tests.constants import UNIT_UPSTREAM
 from tests.unit.support import MakeApp
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
+CHAT = "/v1/chat/completions"
+BODY = {"model": "qwen-plus", "messages": []}
 
 
 @pytest.mark.parametrize(
@@ -21,9 +23,9 @@ GENERATED = re.compile(r"[0-9a-f]{32}")
 def test_sane_client_id_is_echoed_and_forwarded(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, offered: str
 ) -> None:
-    upstream.get(f"{UNIT_UPSTREAM}/models", json={"data": []})
+    upstream.post(f"{UNIT_UPSTREAM}/chat/completions", json={"id": "c"})
 
-    response = client.get("/v1/models", headers={**auth, "X-Request-ID": offered})
+    response = client.post(CHAT, json=BODY, headers={**auth, "X-Request-ID": offered})
 
     assert response.headers["X-Request-ID"] == offered
     assert upstream.calls[0].request.headers["X-Request-ID"] == offered
@@ -36,9 +38,9 @@ def test_sane_client_id_is_echoed_and_forwarded(
 def test_insane_client_id_is_replaced(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, offered: str
 ) -> None:
-    upstream.get(f"{UNIT_UPSTREAM}/models", json={"data": []})
+    upstream.post(f"{UNIT_UPSTREAM}/chat/completions", json={"id": "c"})
 
-    response = client.get("/v1/models", headers={**auth, "X-Request-ID": offered})
+    response = client.post(CHAT, json=BODY, headers={**auth, "X-Request-ID": offered})
 
     request_id = response.headers["X-Request-ID"]
     assert GENERATED.fullmatch(request_id)

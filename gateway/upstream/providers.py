@@ -1,0 +1,122 @@
+"""What differs from one provider to the next: where and how to reach it, what its answers
+mean for fallback, and the body it is sent (model rewrite, DashScope's defaults)."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+import requests
+
+from gateway.config import Provider, Settings
+from gateway.upstream.edits import edited
+from gateway.upstream.router import Candidate
+
+# Qwen3's hybrid-thinking models refuse a non-streamed call unless thinking is off; a client
+# that sets enable_thinking keeps its value (edits adds only what is absent).
+DASHSCOPE_CHAT_DEFAULTS = {"enable_thinking": False}
+# A failed attempt's outcome (gateway_upstream_attempts_total{outcome},
+# gateway_fallbacks_total{reason}) and the routing.fallback_on value that lets it fall back.
+# An account in arrears serves nobody: it falls back as a 5xx does.
+FALLBACK_SETTING = {
+    "connect": "connect",
+    "timeout": "timeout",
+    "rate_limited": "429",
+    "server_error": "5xx",
+    "arrearage": "5xx",
+}
+
+
+class AttemptObserver(Protocol):
+    """Told of every attempt and fallback as it happens (the metrics, in the app)."""
+
+    def attempted(self, provider: str, model: str, outcome: str) -> None: ...
+
+    def fell_back(self, provider: str, model: str, reason: str) -> None: ...
+
+
+class NoObserver:
+    def attempted(self, provider: str, model: str, outcome: str) -> None:
+        del provider, model, outcome
+
+    def fell_back(self, provider: str, model: str, reason: str) -> None:
+        del provider, model, reason
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach one provider, computed once at start-up."""
+
+    base_url: str  # normalised once, as requests would send it
+    headers: Mapping[str, str]  # the provider's extra headers, then its Authorization
+    timeout: tuple[float, float]
+    proxies: Mapping[str, str]
+
+    @classmethod
+    def of(cls, provider: Provider, settings: Settings) -> Target:
+        headers = dict(provider.headers)
+        if provider.api_key:  # a local vLLM or Ollama may need none
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        timeout = (
+            provider.connect_timeout or settings.upstream_connect_timeout,
+            provider.read_timeout or settings.upstream_read_timeout,
+        )
+        return cls(normalized_url(provider.base_url), headers, timeout, dict(provider.proxies))
+
+
+def body_for(
+    candidate: Candidate, path: str, body: bytes | None, *, stream: bool, include_usage: bool
+) -> bytes | None:
+    """The body this candidate is sent; the client's own bytes unless something must change."""
+    if body is None:
+        return None
+    thinking = candidate.provider.kind == "dashscope" and path == "/chat/completions"
+    return edited(
+        body,
+        model=candidate.upstream_model if candidate.rewrite else None,
+        defaults=DASHSCOPE_CHAT_DEFAULTS if thinking and not stream else None,
+        include_usage=include_usage,
+    )
+
+
+def normalized_url(url: str) -> str:
+    """The base URL as requests would send it (IDNA host, quoted path), computed once."""
+    prepared = requests.PreparedRequest()
+    prepared.prepare_url(url, None)
+    return (prepared.url or url).rstrip("/")
+
+
+def is_stream(upstream: requests.Response) -> bool:
+    return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or odd."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def in_arrears(body: bytes) -> bool:
+    """Whether a DashScope 400 says the account is in arrears (it then serves nobody)."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(answer, dict):
+        return False
+    error = answer.get("error")
+    code = error.get("code") if isinstance(error, dict) else answer.get("code")
+    return code == "Arrearage"
