@@ -1,14 +1,17 @@
 """SIGHUP under real gunicorn: the configuration reloads without dropping a stream.
 
 The keys live in an ENV_FILE and not in the process environment (a real variable would
-win over the file), the way an operator rotates them in `.env`.
+win over the file), the way an operator rotates them in `.env`. Routes live in a
+GATEWAY_CONFIG file rewritten between signals, with two fake providers told apart by the
+request id each one received.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,58 @@ pytestmark = pytest.mark.e2e
 
 OLD_KEY = GATEWAY_KEY
 NEW_KEY = "gw-test-key-rotated-5e1d9b7c"
+
+
+# Tests ask for a and b before start_gateway: teardown runs in reverse, so the gateway
+# closes its connections to them before they stop.
+@pytest.fixture
+def a() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def b() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+def routes_m_to(provider: str, a_url: str, b_url: str) -> str:
+    """A GATEWAY_CONFIG with providers a and b, and model `m` at `provider` only. The
+    provider is asked for `m-at-<provider>`, so its answers name it (the fake echoes the
+    model it was asked for)."""
+    return f"""
+providers:
+  a:
+    base_url: {a_url}
+    api_key_env: TARGET_API_KEY
+  b:
+    base_url: {b_url}
+    api_key_env: TARGET_API_KEY
+models:
+  m: {{provider: {provider}, model: m-at-{provider}}}
+"""
+
+
+def received_by(gateway: Gateway, upstreams: dict[str, FakeUpstream]) -> list[str]:
+    """Send one chat request for `m` on a new connection (so any live worker may take it);
+    the names of the fake providers that received it, found by its request id."""
+    request_id = f"reload-{uuid.uuid4().hex}"
+    headers = {"Authorization": f"Bearer {OLD_KEY}", "X-Request-ID": request_id}
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    response = requests.post(
+        gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    names = [
+        name
+        for name, upstream in upstreams.items()
+        if any(r.headers.get("x-request-id") == request_id for r in upstream.requests)
+    ]
+    assert [response.json()["model"]] == [f"m-at-{name}" for name in names], names
+    return names
 
 
 @pytest.fixture
@@ -165,16 +220,55 @@ def test_a_stream_open_across_a_hup_finishes_and_the_next_request_is_new(
     assert errors_in(gateway) == []
 
 
-def test_an_invalid_gateway_config_file_on_hup_is_refused_then_a_fixed_one_applies(
-    start_gateway: GatewayFactory, fake_upstream: FakeUpstream, tmp_path: Path
+def test_a_stream_open_across_a_hup_finishes_on_its_route_and_new_requests_take_the_new(
+    a: FakeUpstream, b: FakeUpstream, start_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
     config = tmp_path / "gateway.yaml"
-    provider = "providers:\n  local:\n    base_url: {}\n    api_key_env: TARGET_API_KEY\n"
-    config.write_text(provider.format(fake_upstream.url))
+    config.write_text(routes_m_to("a", a.url, b.url))
+    # No rate limit: the poll below sends as many requests as the reload takes.
+    gateway = start_gateway(GATEWAY_CONFIG=str(config), RATE_LIMIT_REQUESTS_PER_MINUTE="0")
+    upstreams = {"a": a, "b": b}
+    assert received_by(gateway, upstreams) == ["a"]
+    stream = StreamInFlight(gateway, {"Authorization": f"Bearer {OLD_KEY}"}, chunks=12, delay=0.5)
+
+    config.write_text(routes_m_to("b", a.url, b.url))
+    signalled_at = time.monotonic()
+    gateway.process.send_signal(signal.SIGHUP)
+    # Until a new worker takes a request, the old one does, on the old route: to a.
+    deadline = time.monotonic() + 30
+    while (took := received_by(gateway, upstreams)) != ["b"]:
+        assert took == ["a"], took
+        assert time.monotonic() < deadline, "no request reached b after the reload"
+        time.sleep(0.05)
+
+    stream.join(timeout=30)
+    assert stream.status == 200
+    assert bytes(stream.body) == expected_stream(12, model="m-at-a")
+    assert stream.finished_at is not None and stream.finished_at > signalled_at
+    # The stream went to a alone: b got nothing but the polls.
+    streamed = {
+        n: [r for r in u.requests if orjson.loads(r.body).get("stream")]
+        for n, u in upstreams.items()
+    }
+    assert {n: len(found) for n, found in streamed.items()} == {"a": 1, "b": 0}
+    assert received_by(gateway, upstreams) == ["b"]
+    reloaded = [e for e in log_lines(gateway) if "configuration reloaded" in e["message"]]
+    assert len(reloaded) == 1 and "routes" in reloaded[0]["message"], reloaded
+    assert gateway.process.poll() is None
+    assert errors_in(gateway) == []
+
+
+def test_an_invalid_gateway_config_file_on_hup_keeps_the_old_route_then_a_fixed_one_applies(
+    a: FakeUpstream, b: FakeUpstream, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(routes_m_to("a", a.url, b.url))
     gateway = start_gateway(GATEWAY_CONFIG=str(config))
+    upstreams = {"a": a, "b": b}
     workers = worker_pids(gateway)
 
-    config.write_text(provider.format("not-a-url"))
+    # `m` moved to b, whose URL is broken: none of the file may apply, the new route neither.
+    config.write_text(routes_m_to("b", a.url, "not-a-url"))
     gateway.process.send_signal(signal.SIGHUP)
     wait_for(
         lambda: errors_in(gateway) or gateway.process.poll() is not None,
@@ -184,19 +278,20 @@ def test_an_invalid_gateway_config_file_on_hup_is_refused_then_a_fixed_one_appli
     [error] = errors_in(gateway)
     assert error["level"] == "error"  # a logged line, not the dying master's stderr
     assert "GATEWAY_CONFIG" in error["message"]
-    assert "providers.local.base_url" in error["message"]
+    assert "providers.b.base_url" in error["message"]
+    assert "traceback" not in error and "Traceback" not in gateway.logs()
     assert worker_pids(gateway) == workers
+    assert received_by(gateway, upstreams) == ["a"]
     assert status_with(gateway, OLD_KEY) == 200
 
-    # Fixed, with a second provider: accepted, and the old workers are replaced.
-    second = "  other:\n    base_url: {}\n    api_key_env: TARGET_API_KEY\n"
-    config.write_text(provider.format(fake_upstream.url) + second.format(fake_upstream.url))
+    # Fixed: accepted, the old workers are replaced, and `m` goes to b.
+    config.write_text(routes_m_to("b", a.url, b.url))
     gateway.process.send_signal(signal.SIGHUP)
     wait_for(
         lambda: (pids := worker_pids(gateway)) and not pids & workers,
         "the old workers to be replaced",
     )
     reloaded = [e for e in log_lines(gateway) if "configuration reloaded" in e["message"]]
-    assert len(reloaded) == 1 and "providers" in reloaded[0]["message"], reloaded
-    assert status_with(gateway, OLD_KEY) == 200
+    assert len(reloaded) == 1 and "routes" in reloaded[0]["message"], reloaded
+    assert received_by(gateway, upstreams) == ["b"]
     assert len(errors_in(gateway)) == 1

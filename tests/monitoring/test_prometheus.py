@@ -1,23 +1,25 @@
 """Every dashboard panel and every alert, evaluated by a real Prometheus scraping a real gateway.
 
-One gateway under gunicorn (fake provider on loopback) gets a bounded mix of traffic —
-answers, streams, provider errors, timeouts, broken streams, bad keys, unknown routes, a
-key over its rate limit — while Prometheus scrapes it every second with the shipped
-configuration and rules. Then each expression, read from the dashboard JSON and the rules
-YAML, must return series, with every label it groups by: a panel or alert on a metric or
-label the gateway does not export fails here.
+One gateway under gunicorn gets a bounded mix of traffic — answers, streams, provider
+errors, timeouts, broken streams, bad keys, unknown routes, a key over its rate limit —
+while Prometheus scrapes it every second with the shipped configuration and rules. Its
+GATEWAY_CONFIG (`gateway_config`) puts a provider that refuses connections before the fake
+provider for the answers' model, so that the routing metrics have series too: attempts
+that failed, fallbacks, a deployment cooling down. Then each expression, read from the
+dashboard JSON and the rules YAML, must return series, with every label it groups by: a
+panel or alert on a metric or label the gateway does not export fails here.
 
 Metrics still being added on other branches (issue #9) are listed in AWAITED. An
 expression that needs one of them and does not find it in the gateway's /metrics is an
-expected failure naming what it waits for; once they land, empty AWAITED, and any
-expression the traffic below does not feed (fallbacks, cooldowns and quotas need a
-configuration file with several providers and quota'd keys) fails until the load
-produces it.
+expected failure naming what it waits for. The configuration already has a key with a
+small day quota, and the load spends it (refused as unknown until #9 lands); once those
+metrics land, empty AWAITED: any expression the load does not feed then fails.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,15 +51,8 @@ from tests.monitoring.promql import (
 pytestmark = pytest.mark.e2e
 
 # Metric (family) → the labels other branches are adding to it, or all its labels when the
-# whole metric is new. Empty this once they have landed on main.
+# whole metric is new. Empty this once they have landed on main (the routing ones have).
 AWAITED: dict[str, frozenset[str]] = {
-    "gateway_requests_total": frozenset({"provider", "model"}),
-    "gateway_request_duration_seconds": frozenset({"provider", "model"}),
-    "gateway_stream_ttfb_seconds": frozenset({"provider", "model"}),
-    "gateway_upstream_errors_total": frozenset({"provider", "model"}),
-    "gateway_upstream_attempts_total": frozenset({"provider", "model", "outcome"}),
-    "gateway_fallbacks_total": frozenset({"provider", "model", "reason"}),
-    "gateway_deployment_cooldown": frozenset({"provider", "upstream_model"}),
     "gateway_key_requests_total": frozenset({"key", "model", "provider", "status"}),
     "gateway_tokens_total": frozenset({"key", "model", "provider"}),
     "gateway_key_rejections_total": frozenset({"key", "reason"}),
@@ -70,6 +65,37 @@ _HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")
 
 CHAT = {"model": "qwen-plus", "messages": [{"role": "user", "content": "Hello"}]}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+# The provider's scripted failures ask for another model: a route of their own, so that
+# they cool down its deployment and never the one that serves CHAT (see gateway_config).
+FAILING_CHAT = {**CHAT, "model": "qwen-max"}
+FAILING_STREAM = {**STREAM, "model": "qwen-max"}
+# A key of the file's `keys:` (issue #9), with a quota that its calls below spend.
+QUOTA_KEY = "gw-test-key-quota-3b9e1d7a"
+QUOTA_TOKENS_PER_DAY = 20  # the fake's answers report 11 tokens: the third call is over
+
+
+def gateway_config(upstream_url: str, refusing_port: int) -> str:
+    """`down` refuses connections and comes first for qwen-plus (weights 1000 : 0.001), so
+    each of those requests falls back to `fake` until `down` cools down, for longer than the
+    test (cooldown 600 s); every other model goes to `fake` alone."""
+    return f"""
+providers:
+  fake:
+    base_url: {upstream_url}
+    api_key_env: TARGET_API_KEY
+  down:
+    base_url: http://127.0.0.1:{refusing_port}/v1
+    api_key_env: TARGET_API_KEY
+models:
+  qwen-plus:
+    - {{provider: down, weight: 1000}}
+    - {{provider: fake, weight: 0.001}}
+  "*": fake
+routing:
+  cooldown: 600
+keys:
+  - {{name: quota, key_env: QUOTA_GATEWAY_KEY, tokens_per_day: {QUOTA_TOKENS_PER_DAY}}}
+"""
 
 
 @dataclass(frozen=True)
@@ -87,11 +113,11 @@ FIRST_KEY_CALLS = [
     * 10,
     *[Call("POST", "/v1/embeddings", body={"model": "text-embedding-v3", "input": "Hi"})] * 5,
     *[Call("GET", "/v1/models")] * 3,
-    *[Call("POST", "/v1/chat/completions", body={**CHAT, "fake": {"status": 500}})] * 5,
-    *[Call("POST", "/v1/chat/completions", body={**CHAT, "fake": {"status": 429}})] * 3,
+    *[Call("POST", "/v1/chat/completions", body={**FAILING_CHAT, "fake": {"status": 500}})] * 5,
+    *[Call("POST", "/v1/chat/completions", body={**FAILING_CHAT, "fake": {"status": 429}})] * 3,
     # Broken by the provider mid-stream, and too slow for UPSTREAM_READ_TIMEOUT: upstream errors.
-    *[Call("POST", "/v1/chat/completions", body={**STREAM, "fake": {"die_after": 1}})] * 2,
-    *[Call("POST", "/v1/chat/completions", body={**CHAT, "fake": {"sleep_before": 2}})] * 2,
+    *[Call("POST", "/v1/chat/completions", body={**FAILING_STREAM, "fake": {"die_after": 1}})] * 2,
+    *[Call("POST", "/v1/chat/completions", body={**FAILING_CHAT, "fake": {"sleep_before": 2}})] * 2,
 ]
 RATE_LIMIT = len(FIRST_KEY_CALLS) + 5
 UNKNOWN_ROUTE = "/v1/no-such-route"
@@ -101,12 +127,16 @@ OTHER_CALLS = [
     # The second key goes 5 requests over its limit.
     *[Call("GET", "/v1/models", key=SECOND_GATEWAY_KEY)] * (RATE_LIMIT + 5),
 ]
+# Sent one after the other, so that each answer's tokens are counted before the next call.
+QUOTA_KEY_CALLS = [Call("POST", "/v1/chat/completions", key=QUOTA_KEY, body=CHAT)] * 3
 
 
 @dataclass
 class Monitored:
     prometheus: Prometheus
     statuses: Counter[int | str]
+    # The quota key's, apart: 401 until per-key policies (#9) land.
+    quota_key_statuses: list[int | str]
     # What the gateway's /metrics held after the load.
     exposition: Exposition
 
@@ -143,13 +173,25 @@ def every_series_sampled_twice(prometheus: Prometheus) -> bool:
 
 
 @pytest.fixture(scope="module")
-def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
+def down_port() -> Iterator[int]:
+    """A loopback port bound and never listened on: a connection to it is refused at once,
+    and no other process can take the port while the module's tests run."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory, down_port: int) -> Iterator[Monitored]:
     upstream = FakeUpstream(record=False).start()
     gateways = GatewayFactory(tmp_path_factory.mktemp("gateway"), upstream.url)
     started: list[Prometheus] = []
     try:
         gateway = gateways(
-            RATE_LIMIT_REQUESTS_PER_MINUTE=str(RATE_LIMIT), UPSTREAM_READ_TIMEOUT="1"
+            config=gateway_config(upstream.url, down_port),
+            RATE_LIMIT_REQUESTS_PER_MINUTE=str(RATE_LIMIT),
+            UPSTREAM_READ_TIMEOUT="1",
+            QUOTA_GATEWAY_KEY=QUOTA_KEY,
         )
         target = gateway.url.removeprefix("http://")
         prometheus = start_prometheus(tmp_path_factory.mktemp("prometheus"), target)
@@ -158,8 +200,10 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
         with ThreadPoolExecutor(max_workers=8) as pool:
             statuses = Counter(pool.map(lambda c: send(gateway.url, c), FIRST_KEY_CALLS))
             statuses += Counter(pool.map(lambda c: send(gateway.url, c), OTHER_CALLS))
+        quota_key_statuses = [send(gateway.url, call) for call in QUOTA_KEY_CALLS]
         # Each call to a /v1 route is counted once its answer is complete.
-        sent = sum(1 for call in FIRST_KEY_CALLS + OTHER_CALLS if call.path != UNKNOWN_ROUTE)
+        calls = FIRST_KEY_CALLS + OTHER_CALLS + QUOTA_KEY_CALLS
+        sent = sum(1 for call in calls if call.path != UNKNOWN_ROUTE)
         wait_until(
             lambda: api_requests_seen(prometheus) >= sent,
             30,
@@ -172,7 +216,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
             "two samples of every series",
             prometheus.logs,
         )
-        yield Monitored(prometheus, statuses, exported_series(gateway.url))
+        yield Monitored(prometheus, statuses, quota_key_statuses, exported_series(gateway.url))
     finally:
         for prometheus in started:
             prometheus.stop()
@@ -187,6 +231,26 @@ def test_the_load_produced_every_kind_of_answer(monitored: Monitored) -> None:
     assert statuses[429] >= 5, statuses
     # The provider's 500s and the two timeouts, whatever status a router maps them to.
     assert sum(n for status, n in statuses.items() if str(status).startswith("5")) >= 7
+    # No client saw the refused connections: each of those attempts fell back to the fake.
+    assert statuses[502] == 0, statuses
+    # Unknown keys until #9 lands, then two answers and a spent quota: answered either way.
+    assert set(monitored.quota_key_statuses) <= {200, 401, 429}, monitored.quota_key_statuses
+
+
+def test_the_refusing_provider_was_fallen_back_from_and_cools_down(monitored: Monitored) -> None:
+    fallbacks = {
+        (s.labels["provider"], s.labels["model"], s.labels["reason"])
+        for s in monitored.exposition["gateway_fallbacks_total"]
+        if s.value > 0
+    }
+    cooling = {
+        (s.labels["provider"], s.labels["upstream_model"])
+        for s in monitored.exposition["gateway_deployment_cooldown"]
+        if s.value == 1
+    }
+    assert fallbacks == {("down", "qwen-plus", "connect")}
+    assert ("down", "qwen-plus") in cooling, cooling
+    assert ("fake", "qwen-plus") not in cooling, cooling
 
 
 def test_prometheus_loaded_and_evaluates_every_alert_rule(monitored: Monitored) -> None:
