@@ -42,7 +42,8 @@ def finish_response(response: Response) -> Response:
     response.headers["X-Request-ID"] = record.request_id
     record.status = response.status_code
     caller = g.get("caller")
-    record.key_id = caller.key_id if caller is not None else None
+    if caller is not None:  # a refused key's id was set by the key check itself
+        record.key_id, record.key_name = caller.key_id, caller.name
     metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     if record.event_stream:
         metrics.streams_in_flight.inc()
@@ -52,6 +53,11 @@ def finish_response(response: Response) -> Response:
 
 def _complete(record: RequestRecord, metrics: GatewayMetrics, streamed: bool) -> None:
     duration = record.elapsed()
+    for hook in record.on_complete:
+        try:
+            hook(record)
+        except Exception as exc:  # noqa: BLE001 - the request is over; log and count it anyway
+            logger.opt(exception=exc).error("request completion hook failed")
     provider, model = record.provider or "none", metrics.model_label(record.model)
     metrics.requests.labels(record.route, record.method, str(record.status), provider, model).inc()
     metrics.latency.labels(record.route, provider, model).observe(duration)
@@ -61,12 +67,21 @@ def _complete(record: RequestRecord, metrics: GatewayMetrics, streamed: bool) ->
         metrics.stream_ttfb.labels(provider, model).observe(record.ttfb)
     if record.upstream_error:
         metrics.upstream_errors.labels(record.upstream_error, provider, model).inc()
-    if record.usage:
-        for kind in ("prompt_tokens", "completion_tokens"):
-            if kind in record.usage:
-                metrics.tokens.labels(kind.removesuffix("_tokens")).inc(record.usage[kind])
+    if record.key_id is not None:
+        _count_for_key(record, metrics, provider, model)
     _log_access(record, duration)
     request_id_var.set(None)
+
+
+def _count_for_key(
+    record: RequestRecord, metrics: GatewayMetrics, provider: str, model: str
+) -> None:
+    key = record.key_name or record.key_id or ""
+    metrics.key_requests.labels(key, model, provider, str(record.status)).inc()
+    for kind in ("prompt_tokens", "completion_tokens"):
+        if record.usage and kind in record.usage:
+            tokens = record.usage[kind]
+            metrics.tokens.labels(kind.removesuffix("_tokens"), key, model, provider).inc(tokens)
 
 
 def _log_access(record: RequestRecord, duration: float) -> None:
@@ -77,6 +92,7 @@ def _log_access(record: RequestRecord, duration: float) -> None:
         "status": record.status,
         "duration_ms": round(duration * 1000, 2),
         "key_id": record.key_id,
+        "key_name": record.key_name,
         "model": record.model[:200] if record.model else None,  # a client-chosen string
         "stream": record.stream,
         "upstream_status": record.upstream_status,
@@ -97,6 +113,8 @@ def _log_access(record: RequestRecord, duration: float) -> None:
         fields["client_disconnected"] = True
     if record.usage:
         fields["usage"] = record.usage
+    if record.usage_estimated:
+        fields["usage_estimated"] = True
     # Keyword arguments land in the record's extra (and fill the message) without building
     # a bound logger per request.
     logger.info("{method} {path} {status}", event="access", **fields)

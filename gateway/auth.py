@@ -1,52 +1,27 @@
-"""The one place that identifies the caller: gateway keys in, a `Caller` out.
+"""The one place that identifies the caller: a gateway key in, `g.caller` out.
 
-Per-key policies (model allow-lists, token budgets) will hang off `Caller` later.
+The keys and their rules live in `gateway.policy.keys`; `Caller`, `KeyRing` and `key_id`
+are re-exported here for the modules that only need to know who is calling.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from flask import current_app, g, request
 
 from gateway.errors import GatewayError
+from gateway.policy.keys import Caller, KeyRing, key_id
+
+__all__ = ["PROTECTED_BLUEPRINT", "Caller", "KeyRing", "key_id", "require_api_key"]
 
 PROTECTED_BLUEPRINT = "v1"
 
 
-@dataclass(frozen=True)
-class Caller:
-    # A short, non-reversible id of the key: safe for logs, metrics and rate-limit keys.
-    key_id: str
-    # The configured name of the key (GATEWAY_CONFIG keys), else None.
-    name: str | None = None
-
-    def allows(self, model: str) -> bool:
-        """Whether this key may use the public model `model` (its allow-list)."""
-        del model  # every key may use every model for now
-        return True
-
-
-def key_id(key: str) -> str:
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-class KeyRing:
-    """The configured gateway keys, held as SHA-256 digests."""
-
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self._entries = [(hashlib.sha256(k.encode()).digest(), Caller(key_id(k))) for k in keys]
-
-    def identify(self, presented: str) -> Caller | None:
-        # Hashing first and comparing every entry keeps the time independent of the key.
-        digest = hashlib.sha256(presented.encode()).digest()
-        found = None
-        for candidate, caller in self._entries:
-            if hmac.compare_digest(digest, candidate):
-                found = caller
-        return found
+def presented_key() -> str | None:
+    """The bearer token of the request, or None."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def require_api_key() -> None:
@@ -54,14 +29,25 @@ def require_api_key() -> None:
     g.caller = None
     if request.method == "OPTIONS" or PROTECTED_BLUEPRINT not in request.blueprints:
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = presented_key()
+    if token is None:
         raise GatewayError(
             401,
             "Missing API key. Send it as 'Authorization: Bearer <gateway key>'.",
             code="missing_api_key",
         )
-    caller = current_app.extensions["gateway.keys"].identify(token.strip())
+    caller = current_app.extensions["gateway.keys"].identify(token)
     if caller is None:
         raise GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if not caller.enabled:
+        raise _refused(caller, "disabled", "This API key is disabled.")
+    if caller.expired():
+        at = datetime.fromtimestamp(caller.expires_at or 0, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise _refused(caller, "expired", f"This API key expired at {at}.")
     g.caller = caller
+
+
+def _refused(caller: Caller, reason: str, message: str) -> GatewayError:
+    current_app.extensions["gateway.metrics"].key_rejections.labels(caller.label, reason).inc()
+    g.record.key_id, g.record.key_name = caller.key_id, caller.name
+    return GatewayError(401, message, code=f"api_key_{reason}")

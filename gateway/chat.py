@@ -7,7 +7,9 @@ from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from gateway.errors import GatewayError
+from gateway.policy.enforce import admit
 from gateway.upstream import Client, upstream_for
+from gateway.upstream.edits import asked_for_usage
 
 bp = Blueprint("chat", __name__)
 
@@ -33,9 +35,15 @@ def _relay(path: str) -> Response:
     record = g.record
     record.model = head.model
     record.stream = head.stream is True
-    # The body goes upstream as the client sent it: read for two fields, never re-serialised.
+    # The key's model list and token windows: refused here, before any upstream call.
+    admit(record, body, _max_tokens(head))
+    # Every stream is asked for its usage (its cost): the client sends each attempt's body
+    # with include_usage added when the client did not ask, and the relay takes the usage
+    # back out, so the client gets the provider's bytes unchanged. Otherwise the body goes
+    # upstream as the client sent it: read, never re-serialised.
+    record.inject_usage = record.stream and path != "/embeddings" and not asked_for_usage(body)
     client = upstream_for(record.model)
-    return client.relay(
+    response = client.relay(
         "POST",
         path,
         record,
@@ -45,6 +53,9 @@ def _relay(path: str) -> Response:
         # gunicorn hands the client's socket to the app: watched for the client leaving.
         client=Client.of(request.environ),
     )
+    if not response.is_streamed:  # what an estimate takes for the completion, if need be
+        record.completion_bytes = response.calculate_content_length() or 0
+    return response
 
 
 def read_body() -> bytes:
@@ -82,6 +93,18 @@ class RequestHead(msgspec.Struct):
 
     model: str | None = None
     stream: bool | None = None
+    # What a request reserves of its key's tokens while in flight; kept raw, so that a
+    # value only the provider understands is the provider's to refuse.
+    max_tokens: msgspec.Raw = msgspec.Raw()
+    max_completion_tokens: msgspec.Raw = msgspec.Raw()
+
+
+def _max_tokens(head: RequestHead) -> int | None:
+    for raw in (head.max_completion_tokens, head.max_tokens):
+        text = bytes(raw).strip()
+        if text.isdigit() and len(text) <= 9:
+            return int(text)
+    return None
 
 
 _HEAD_DECODER = msgspec.json.Decoder(RequestHead)

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 _KINDS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_denied", "permission_denied"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
@@ -37,22 +38,31 @@ class GatewayError(Exception):
         *,
         code: str | None = None,
         param: str | None = None,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        # The error's `type` when not the status's usual one (429 insufficient_quota).
+        self.kind = kind
+        self.headers = headers or {}
 
 
 def error_body(
-    status: int, message: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    kind: str | None = None,
 ) -> dict:
-    kind, default_code = _KINDS.get(status, ("invalid_request_error", None))
+    default_kind, default_code = _KINDS.get(status, ("invalid_request_error", None))
     return {
         "error": {
             "message": message,
-            "type": kind,
+            "type": kind or default_kind,
             "param": param,
             "code": code or default_code,
         }
@@ -60,14 +70,21 @@ def error_body(
 
 
 def openai_error(
-    status: int, message: str, *, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    kind: str | None = None,
 ) -> Response:
-    body = orjson.dumps(error_body(status, message, code, param))
+    body = orjson.dumps(error_body(status, message, code, param, kind))
     return Response(body, status=status, mimetype="application/json")
 
 
 def _from_gateway_error(exc: GatewayError) -> Response:
-    return openai_error(exc.status, exc.message, code=exc.code, param=exc.param)
+    response = openai_error(exc.status, exc.message, code=exc.code, param=exc.param, kind=exc.kind)
+    response.headers.update(exc.headers)
+    return response
 
 
 def _from_http_exception(exc: HTTPException) -> Response:

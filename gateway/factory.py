@@ -8,7 +8,7 @@ import threading
 from flask import Blueprint, Flask
 from flask_cors import CORS
 
-from gateway import chat, health, metrics, models
+from gateway import chat, health, metrics, models, usage
 from gateway.access import init_access
 from gateway.auth import PROTECTED_BLUEPRINT, KeyRing, require_api_key
 from gateway.config import Settings, load_settings
@@ -17,6 +17,9 @@ from gateway.limits import init_rate_limits
 from gateway.logs import configure_logging
 from gateway.memory import return_large_buffers_to_the_system
 from gateway.metrics import GatewayMetrics
+from gateway.policy import TokenBudget
+from gateway.policy.enforce import init_policy
+from gateway.policy.report import QuotaGauges
 from gateway.upstream import ModelCatalog, Router, UpstreamClient
 
 # Headers a browser client may read from our responses.
@@ -25,6 +28,9 @@ _EXPOSED_HEADERS = [
     "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests",
     "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
     "Retry-After",
 ]
 
@@ -38,7 +44,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body_bytes
     app.extensions["gateway.settings"] = settings
-    app.extensions["gateway.keys"] = KeyRing(settings.gateway_api_keys)
+    keys = app.extensions["gateway.keys"] = KeyRing(
+        settings.gateway_api_keys,
+        settings.key_policies,
+        settings.key_defaults,
+        settings.rate_limit_per_minute,
+    )
     metrics = app.extensions["gateway.metrics"] = GatewayMetrics(settings)
     # Routing state (cooldowns, in-flight counts) lives in the app: a reload builds anew.
     router = Router(settings, on_cooldown=metrics.cooldown_changed)
@@ -51,7 +62,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Order matters: request id first, then the key check, then the limiter (after init).
     init_access(app)
     app.before_request(require_api_key)
-    init_rate_limits(app, settings, metrics)
+    init_rate_limits(app, settings, metrics, any(c.rpm > 0 for c in keys.callers))
+    budget = TokenBudget(settings.rate_limit_storage_uri)
+    init_policy(app, budget)
+    metrics.add_live_collector(QuotaGauges(budget, keys))
     # always_send=False: CORS headers only for browsers (requests with an Origin header).
     CORS(
         app,
@@ -67,6 +81,8 @@ def _register_blueprints(app: Flask, settings: Settings) -> None:
     if settings.health_check_enabled:
         app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
+    # Outside the v1 blueprint: guarded by GATEWAY_ADMIN_KEY, never by a gateway key.
+    app.register_blueprint(usage.bp)
     v1 = Blueprint(PROTECTED_BLUEPRINT, __name__, url_prefix="/v1")
     v1.register_blueprint(models.bp)
     v1.register_blueprint(chat.bp)

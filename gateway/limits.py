@@ -1,9 +1,11 @@
-"""Rate limits per gateway key (flask-limiter), with OpenAI's x-ratelimit-* headers.
+"""Request limits per gateway key (flask-limiter), with OpenAI's x-ratelimit-* headers.
 
-The limit is one shared application limit keyed by the caller's key id, so every route
-counts against the same budget. It is exact for the deployment as long as all processes
-share one storage: memory:// inside one worker process, redis:// across workers and pods.
-The default strategy is moving-window, whose check-and-take is atomic in both storages.
+The limit is one application limit keyed by the caller's key id, so every route counts
+against the same budget; its size is the caller's own `rpm` (the key's, else the file's
+defaults, else RATE_LIMIT_REQUESTS_PER_MINUTE), 0 meaning none. It is exact for the
+deployment as long as all processes share one storage: memory:// inside one worker
+process, redis:// across workers and pods. The default strategy is moving-window, whose
+check-and-take is atomic in both storages.
 
 A storage outage costs the limit, never an answer: flask-limiter then counts in this
 process's memory (each process holds the limit on its own) and checks the storage again
@@ -52,18 +54,34 @@ def _caller_key() -> str:
     return g.caller.key_id
 
 
-def _is_anonymous() -> bool:
-    # Public routes (health, metrics, unknown paths, CORS preflight) have no caller and no limit.
-    return getattr(g, "caller", None) is None
+def _caller_limit() -> str:
+    # Asked for before the exemption is: an exempt request gets a placeholder.
+    caller = getattr(g, "caller", None)
+    return f"{caller.rpm if caller is not None and caller.rpm > 0 else 1} per 1 minute"
 
 
-def init_rate_limits(app: Flask, settings: Settings, metrics: GatewayMetrics) -> Limiter:
-    """Attach a limiter to `app`. Call after the key check is registered: auth runs first."""
-    limit = f"{settings.rate_limit_per_minute} per 1 minute"
+def _is_exempt() -> bool:
+    # Public routes (health, metrics, unknown paths, CORS preflight) have no caller and no
+    # limit; a key with rpm 0 has none either.
+    caller = getattr(g, "caller", None)
+    return caller is None or caller.rpm <= 0
+
+
+def init_rate_limits(
+    app: Flask, settings: Settings, metrics: GatewayMetrics, any_rpm: bool
+) -> Limiter:
+    """Attach a limiter to `app`. Call after the key check is registered: auth runs first.
+
+    `any_rpm`: whether any key has a request limit at all (else the limiter is off)."""
+
+    def breached(_: object) -> None:
+        metrics.key_rejections.labels(g.caller.label, "rpm").inc()
+
     limiter = Limiter(
         key_func=_caller_key,
-        application_limits=[limit],
-        application_limits_exempt_when=_is_anonymous,
+        application_limits=[_caller_limit],
+        application_limits_exempt_when=_is_exempt,
+        on_breach=breached,
         storage_uri=_storage_uri(settings.rate_limit_storage_uri),
         storage_options=_storage_options(settings.rate_limit_storage_uri),
         strategy=settings.rate_limit_strategy,
@@ -73,7 +91,7 @@ def init_rate_limits(app: Flask, settings: Settings, metrics: GatewayMetrics) ->
         # an answer; /ready and gateway_rate_limit_storage_up report it.
         swallow_errors=True,
         in_memory_fallback_enabled=True,
-        enabled=settings.rate_limit_per_minute > 0,
+        enabled=any_rpm,
     )
     limiter.init_app(app)
     logging.getLogger("flask-limiter").addFilter(_no_traceback)

@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from gateway.config import Settings
 
@@ -113,9 +114,31 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        # --- per key (issue #9): `key` is the key's name, or its key_id for env keys ---
         self.tokens = Counter(
-            "gateway_tokens", "Tokens reported by the upstream", ["kind"], registry=r
+            "gateway_tokens",
+            "Tokens used (reported by the provider, or estimated when it reported none)",
+            ["kind", "key", "model", "provider"],
+            registry=r,
         )
+        self.key_requests = Counter(
+            "gateway_key_requests",
+            "Authenticated requests answered",
+            ["key", "model", "provider", "status"],
+            registry=r,
+        )
+        self.key_rejections = Counter(
+            "gateway_key_rejections",
+            "Requests a key's rules refused",
+            ["key", "reason"],
+            registry=r,
+        )
+        # Read at scrape time (the quota gauges read the shared token counters).
+        self._live: list[Collector] = []
+
+    def add_live_collector(self, collector: Collector) -> None:
+        self._live.append(collector)
+        self.registry.register(collector)
 
     def model_label(self, model: str | None) -> str:
         """A bounded `model` label: configured public names, else "other" (or "none")."""
@@ -138,6 +161,8 @@ class GatewayMetrics:
         if self.multiproc_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiproc_dir)
+            for collector in self._live:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
 

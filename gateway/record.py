@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _TOKEN_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+# A provider's count above this is not believed (it would overflow Redis's counters).
+MAX_REPORTED_TOKENS = 100_000_000
 
 
 @dataclass
@@ -44,6 +47,13 @@ class RequestRecord:
     usage: dict[str, int] | None = None
     upstream_error: str | None = None
     client_disconnected: bool = False
+    # --- per-key accounting (gateway/policy) ---
+    # Sizes an estimate is made of when the provider reports no usage: the request body,
+    # and the answer text relayed (a stream's content deltas).
+    prompt_bytes: int = 0
+    completion_bytes: int = 0
+    # Run once the answer has ended, before it is logged and counted (settles token budgets).
+    on_complete: list[Callable[[RequestRecord], None]] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -61,5 +71,12 @@ def usage_in(body: bytes) -> dict[str, int] | None:
     at = body.rfind(b'"usage"')
     if at < 0:
         return None
-    found = {name.decode(): int(value) for name, value in _TOKEN_FIELDS.findall(body, at, at + 600)}
+    found = {
+        name.decode(): _count(value) for name, value in _TOKEN_FIELDS.findall(body, at, at + 600)
+    }
     return found or None
+
+
+def _count(digits: bytes) -> int:
+    # Capped before int(): a provider's 5,000-digit number would raise ValueError.
+    return MAX_REPORTED_TOKENS if len(digits) > 9 else min(int(digits), MAX_REPORTED_TOKENS)

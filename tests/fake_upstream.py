@@ -7,8 +7,15 @@ Each request scripts its own answer through an optional `"fake"` object in the J
 
 Keys: status, chunks, delay (between chunks), sleep_before (before the headers),
 die_after (abort the connection after N chunks), framing ("chunked" or "close"),
-usage (add a usage chunk), error_body (the body sent with a non-2xx status),
-headers (extra headers of a JSON answer, e.g. Retry-After), embedding_size.
+error_body (the body sent with a non-2xx status), headers (extra headers of a JSON
+answer, e.g. Retry-After), embedding_size; and for usage: usage (the usage object reported
+instead of the default one, any JSON), no_usage (a JSON answer without one),
+usage_from_size (report ceil(body bytes / 4) prompt tokens and `max_tokens` completion
+tokens), usage_in_every_chunk.
+
+Like OpenAI and DashScope, a stream reports usage only when the request asks for it with
+`stream_options.include_usage`: then every chunk carries `"usage":null` and a last chunk
+with `"choices":[]` carries the usage.
 
 Several fakes stand for several providers: `forced` is a script every request gets, over
 its own (so that provider A fails while B, given the same body, answers), and `models`
@@ -51,36 +58,63 @@ class Disconnect:
     chunks_sent: int
 
 
-def sse_chunk(index: int, model: str = "m") -> bytes:
-    delta = {
+STREAM_USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+_NO_USAGE = object()
+
+
+def sse_chunk(index: int, model: str = "m", usage: Any = _NO_USAGE) -> bytes:
+    delta: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": model,
         "choices": [{"index": 0, "delta": {"content": f"tok{index} "}, "finish_reason": None}],
     }
+    if usage is not _NO_USAGE:  # OpenAI's "usage":null, last, when include_usage is on
+        delta["usage"] = usage
     return b"data: " + orjson.dumps(delta) + b"\n\n"
 
 
-def usage_chunk(model: str = "m") -> bytes:
+def usage_chunk(model: str = "m", usage: Any = None) -> bytes:
     body = {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": model,
         "choices": [],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        "usage": STREAM_USAGE if usage is None else usage,
     }
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def expected_stream(chunks: int, model: str = "m", usage: bool = False) -> bytes:
-    """The exact bytes the fake sends for a successful stream."""
-    parts = [sse_chunk(i, model) for i in range(chunks)]
+def expected_stream(
+    chunks: int, model: str = "m", usage: bool = False, reported: Any = None
+) -> bytes:
+    """The exact bytes the fake sends for a successful stream (`usage`: include_usage on)."""
+    parts = [sse_chunk(i, model, None) if usage else sse_chunk(i, model) for i in range(chunks)]
     if usage:
-        parts.append(usage_chunk(model))
+        parts.append(usage_chunk(model, reported))
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts)
+
+
+def asks_for_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def scripted_usage(payload: dict[str, Any], body: bytes, default: Any) -> Any:
+    script = payload.get("fake") or {}
+    if script.get("usage_from_size"):
+        prompt = -(-len(body) // 4)
+        completion = int(payload.get("max_tokens") or 0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+    usage = script.get("usage", default)
+    return default if usage is True else usage  # "usage": true: the usual usage
 
 
 def completion_body(model: str) -> dict[str, Any]:
@@ -231,8 +265,14 @@ class FakeUpstream:
             return True
         if route in ("/chat/completions", "/completions") and method == "POST":
             if payload.get("stream") is True:
-                return await self._send_stream(writer, reader, headers, model, script)
-            await self._send_json(writer, 200, completion_body(model))
+                return await self._send_stream(
+                    writer, reader, headers, model, script, payload, body
+                )
+            answer = completion_body(model)
+            answer["usage"] = scripted_usage(payload, body, answer["usage"])
+            if script.get("no_usage"):
+                del answer["usage"]
+            await self._send_json(writer, 200, answer)
             return True
         await self._send_json(writer, 404, {"error": {"message": "no such route", "code": 404}})
         return True
@@ -266,6 +306,8 @@ class FakeUpstream:
         headers: dict[str, str],
         model: str,
         script: dict[str, Any],
+        payload: dict[str, Any],
+        body: bytes,
     ) -> bool:
         chunked = script.get("framing", "chunked") == "chunked"
         writer.write(
@@ -277,9 +319,15 @@ class FakeUpstream:
         count = int(script.get("chunks", 3))
         delay = float(script.get("delay", 0))
         die_after = script.get("die_after")
-        parts = [sse_chunk(i, model) for i in range(count)]
-        if script.get("usage"):
-            parts.append(usage_chunk(model))
+        usage = scripted_usage(payload, body, STREAM_USAGE)
+        if script.get("usage_in_every_chunk"):
+            parts = [sse_chunk(i, model, usage) for i in range(count)]
+        elif asks_for_usage(payload):
+            parts = [sse_chunk(i, model, None) for i in range(count)]
+        else:
+            parts = [sse_chunk(i, model) for i in range(count)]
+        if asks_for_usage(payload):
+            parts.append(usage_chunk(model, usage))
         parts.append(b"data: [DONE]\n\n")
         # The gateway sends nothing more on this connection until the answer is complete,
         # so end-of-file on the reader means it closed the connection: a disconnect.

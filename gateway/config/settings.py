@@ -267,7 +267,7 @@ def _validate_limits_and_server(s: Settings) -> None:
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
     # memory:// counters live inside one process: a second worker would double the limit.
     _require(
-        storage != "memory" or s.gunicorn_workers == 1 or s.rate_limit_per_minute == 0,
+        storage != "memory" or s.gunicorn_workers == 1 or not _any_limit(s),
         "GUNICORN_WORKERS > 1 needs RATE_LIMIT_STORAGE_URI=redis://...: with memory:// "
         "each worker keeps its own counters and the limit would not hold",
     )
@@ -281,6 +281,13 @@ def _validate_limits_and_server(s: Settings) -> None:
         s.prometheus_multiproc_dir is None or os.path.isdir(s.prometheus_multiproc_dir),
         "PROMETHEUS_MULTIPROC_DIR must be an existing directory",
     )
+
+
+def _any_limit(s: Settings) -> bool:
+    """Whether any key has a request or token limit (each needs counters shared by all)."""
+    rules = (s.key_defaults, *s.key_policies)
+    fields = ("rpm", "tpm", "tokens_per_day", "tokens_per_month")
+    return s.rate_limit_per_minute > 0 or any(getattr(r, f) for r in rules for f in fields)
 
 
 def _require_header_safe(name: str, keys: tuple[str, ...]) -> None:

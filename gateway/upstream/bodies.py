@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, error_body
 from gateway.record import RequestRecord
 from gateway.upstream.connection import Exchange
 from gateway.upstream.scrub import Scrubber
+from gateway.upstream.sse import UsageChunks, text_bytes
 
 PIECE_BYTES = 64 * 1024
 # An answer this short is read whole before the client gets its status line, so that a
@@ -132,11 +133,15 @@ class SseRelay(_AnswerRelay):
 
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
+        # The gateway asked for usage: its usage chunk (and "usage": null) are taken out.
+        ours = UsageChunks(record) if record.inject_usage else None
         try:
-            for chunk in self._chunks:
+            for piece in self._chunks:
                 if record.ttfb is None:
                     record.ttfb = record.elapsed()
-                if b'"usage"' in chunk:
+                record.completion_bytes += text_bytes(piece)
+                chunk = ours.feed(piece) if ours is not None else piece
+                if ours is None and b'"usage"' in chunk:
                     record.note_usage(chunk)
                 if masked := self._scrubber.feed(chunk):
                     yield masked
@@ -145,15 +150,19 @@ class SseRelay(_AnswerRelay):
                 return
             error = self._fail(exc)
             event = b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n"
-            yield self._scrubber.flush() + event
+            yield self._held(ours) + event
             self._finished = True
             return
         # A close-delimited stream ends "normally" when the watcher's shutdown ends its read.
         if self._exchange.ended_by == CLIENT_GONE:
             return
-        if held := self._scrubber.flush():
+        if held := self._held(ours):
             yield held
         self._finished = True
+
+    def _held(self, ours: UsageChunks | None) -> bytes:
+        rest = ours.flush() if ours is not None else b""
+        return self._scrubber.feed(rest) + self._scrubber.flush()
 
 
 class BodyRelay(_AnswerRelay):

@@ -15,12 +15,16 @@ from tests.fake_upstream import Disconnect, FakeUpstream, expected_stream
 
 
 def stream_request(
-    gateway: Gateway, auth: dict[str, str], script: dict, request_id: str | None = None
+    gateway: Gateway,
+    auth: dict[str, str],
+    script: dict,
+    request_id: str | None = None,
+    **fields: object,
 ) -> requests.Response:
     headers = dict(auth)
     if request_id:
         headers["X-Request-ID"] = request_id
-    body = {"model": "qwen-plus", "stream": True, "messages": [], "fake": script}
+    body = {"model": "qwen-plus", "stream": True, "messages": [], "fake": script, **fields}
     return requests.post(
         gateway.url + "/v1/chat/completions",
         data=orjson.dumps(body),
@@ -42,7 +46,8 @@ def disconnects_of(fake_upstream: FakeUpstream, request_id: str) -> list[Disconn
 
 
 def test_stream_headers_and_bytes(gateway: Gateway, auth: dict[str, str]) -> None:
-    with stream_request(gateway, auth, {"chunks": 4, "usage": True}) as response:
+    asked = {"include_usage": True}
+    with stream_request(gateway, auth, {"chunks": 4}, stream_options=asked) as response:
         body = response.raw.read()
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")

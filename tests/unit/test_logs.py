@@ -125,7 +125,8 @@ def test_access_line_of_a_stream(
     upstream.post(UPSTREAM_CHAT, body=events, content_type="text/event-stream")
     client = _client(make_app)
 
-    response = client.post(CHAT, json={"model": "qwen-max", "stream": True}, headers=auth)
+    asked = {"model": "qwen-max", "stream": True, "stream_options": {"include_usage": True}}
+    response = client.post(CHAT, json=asked, headers=auth)
     assert response.get_data() == events
     response.close()
 

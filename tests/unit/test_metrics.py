@@ -7,7 +7,8 @@ import responses
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.constants import UNIT_UPSTREAM
+from gateway.auth import key_id
+from tests.constants import GATEWAY_KEY, UNIT_UPSTREAM
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_CHAT = f"{UNIT_UPSTREAM}/chat/completions"
@@ -102,8 +103,13 @@ def test_tokens_reported_by_the_upstream_are_counted(
 
     samples = _scrape(client)
 
-    assert samples[("gateway_tokens_total", frozenset({("kind", "prompt")}))] == 24
-    assert samples[("gateway_tokens_total", frozenset({("kind", "completion")}))] == 60
+    # "*" routes every model in these settings: the model label is "other".
+    labels = {("key", key_id(GATEWAY_KEY)), ("model", "other"), ("provider", "default")}
+    prompt = frozenset({("kind", "prompt"), *labels})
+    assert samples[("gateway_tokens_total", prompt)] == 24
+    assert samples[("gateway_tokens_total", frozenset({("kind", "completion"), *labels}))] == 60
+    requests = frozenset({("status", "200"), *labels})
+    assert samples[("gateway_key_requests_total", requests)] == 2
 
 
 def test_finished_stream_is_no_longer_in_flight(

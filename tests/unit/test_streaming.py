@@ -14,7 +14,13 @@ from tests.unit.support import ScriptedAnswer
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_CHAT = f"{UNIT_UPSTREAM}/chat/completions"
-STREAM_REQUEST = {"model": "qwen-plus", "stream": True, "messages": []}
+# The client asks for usage itself: the provider's usage chunk is then the client's too.
+STREAM_REQUEST = {
+    "model": "qwen-plus",
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "messages": [],
+}
 EVENTS = [
     b'data: {"id":"c1","choices":[{"delta":{"role":"assistant","content":""}}]}\n\n',
     b'data: {"id":"c1","choices":[{"delta":{"content":"Hel"}}]}\n\n',

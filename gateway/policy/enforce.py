@@ -1,0 +1,104 @@
+"""The per-key checks a view asks for before relaying, and the token headers on answers.
+
+Order for a request: the key (auth: unknown, disabled or expired is 401), its request
+limit (limits: 429), then here its model (403) and its token windows (429: `tpm` is a rate
+limit, a day or month quota is `insufficient_quota`), each refused without an upstream call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, datetime
+from functools import partial
+
+from flask import Flask, Response, current_app, g
+from loguru import logger
+
+from gateway.errors import GatewayError
+from gateway.limits import openai_duration
+from gateway.metrics import GatewayMetrics
+from gateway.policy.keys import Caller
+from gateway.policy.tokens import Reservation, TokenBudget, windows_at
+from gateway.policy.usage import reservation, settle_usage
+from gateway.record import RequestRecord
+
+
+def admit(record: RequestRecord, body: bytes, max_tokens: int | None) -> None:
+    """Refuse a model the key may not use or a key whose tokens are spent; else reserve."""
+    caller: Caller = g.caller
+    metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
+    model = record.model or ""
+    if not caller.allows(model):
+        metrics.key_rejections.labels(caller.label, "model_denied").inc()
+        raise GatewayError(
+            403,
+            f"This API key is not allowed to use the model '{model[:100]}'.",
+            code="model_not_allowed",
+            param="model",
+        )
+    budget: TokenBudget = current_app.extensions["gateway.tokens"]
+    record.prompt_bytes = len(body)
+    held = g.tokens = budget.reserve(caller, reservation(len(body), max_tokens))
+    if held.full is not None:
+        reason = "tpm" if held.full == "minute" else "quota"
+        metrics.key_rejections.labels(caller.label, reason).inc()
+        raise _spent(held)
+    record.on_complete.append(partial(_settle, budget, held))
+
+
+def _settle(budget: TokenBudget, held: Reservation, record: RequestRecord) -> None:
+    budget.settle(held, settle_usage(record))
+
+
+def _spent(held: Reservation) -> GatewayError:
+    window = next(w for w in held.windows if w.name == held.full)
+    limit = held.caller.token_limit(window.name)
+    used = held.used[held.windows.index(window)]
+    wait = max(1, math.ceil(window.resets_at - time.time()))
+    if window.name == "minute":
+        return GatewayError(
+            429,
+            f"Rate limit reached for tokens per minute: {used} of {limit} used. Retry in {wait}s.",
+            kind="tokens",
+            headers={"Retry-After": str(wait)},
+        )
+    resets = datetime.fromtimestamp(window.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return GatewayError(
+        429,
+        f"You exceeded this key's token quota for the {window.name} (UTC): {used} of "
+        f"{limit} tokens used. The quota resets at {resets}.",
+        code="insufficient_quota",
+        kind="insufficient_quota",
+        # Retrying cannot help before the reset: the SDKs honour this and raise at once.
+        headers={"Retry-After": str(wait), "x-should-retry": "false"},
+    )
+
+
+def add_token_headers(response: Response) -> Response:
+    """after_request: OpenAI's x-ratelimit-*-tokens for a key with a `tpm`."""
+    caller: Caller | None = g.get("caller")
+    if caller is None or not caller.tpm:
+        return response
+    held: Reservation | None = g.get("tokens")
+    now = time.time()
+    if held is not None:
+        used = held.used[0]
+    else:  # a request that reserved nothing (/v1/models, a refusal): read the window
+        try:
+            used = current_app.extensions["gateway.tokens"].read([caller], now)[0][0]
+        except Exception as exc:  # noqa: BLE001 - the headers are not worth an error
+            logger.debug("token headers skipped: {}", type(exc).__name__)
+            return response
+    minute = windows_at(now)[0]
+    headers = response.headers
+    headers["x-ratelimit-limit-tokens"] = str(caller.tpm)
+    headers["x-ratelimit-remaining-tokens"] = str(max(0, caller.tpm - used))
+    headers["x-ratelimit-reset-tokens"] = openai_duration(max(0.0, minute.resets_at - now))
+    return response
+
+
+def init_policy(app: Flask, budget: TokenBudget) -> None:
+    """Attach the token budget. Call after the rate limiter: its header step runs first."""
+    app.extensions["gateway.tokens"] = budget
+    app.after_request(add_token_headers)

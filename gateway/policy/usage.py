@@ -1,0 +1,59 @@
+"""What an answer costs: the usage the provider reported, or an estimate when it sent none.
+
+A provider reports usage in a JSON answer's `usage` and, when asked, in a stream's last
+chunk. When it reports none (an aborted stream, a client that left, a provider that ignores
+`stream_options`), the prompt is estimated at a token per 4 bytes of the request body and
+the completion at a token per 4 bytes of the answer text relayed, and the record says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gateway.record import MAX_REPORTED_TOKENS, RequestRecord
+
+# Where the provider's work is known to have started: the request reached it.
+_STARTED_ERRORS = frozenset({"stream_broken", "timeout", "too_large"})
+
+
+def tokens_for(body_bytes: int) -> int:
+    return math.ceil(body_bytes / 4)
+
+
+def reservation(body_bytes: int, max_tokens: int | None) -> int:
+    """What a request holds while in flight: its estimated prompt plus its max_tokens."""
+    return tokens_for(body_bytes) + min(max_tokens or 0, MAX_REPORTED_TOKENS)
+
+
+def charge(usage: dict[str, int]) -> int:
+    """The tokens to charge for reported `usage`, however odd its numbers."""
+    parts = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+    return min(MAX_REPORTED_TOKENS, max(parts, usage.get("total_tokens", 0)))
+
+
+def settle_usage(record: RequestRecord) -> int:
+    """Fill in `record.usage` (estimated if the provider reported none); return its cost."""
+    if record.usage:
+        return charge(record.usage)
+    if not _provider_worked(record):
+        return 0
+    prompt = tokens_for(record.prompt_bytes)
+    completion = tokens_for(record.completion_bytes)
+    record.usage = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    record.usage_estimated = True
+    return prompt + completion
+
+
+def _provider_worked(record: RequestRecord) -> bool:
+    """Whether the provider (probably) spent tokens: it answered 2xx, broke off mid-answer,
+    or the client left once the request could have reached it."""
+    status = record.upstream_status
+    if status is not None and 200 <= status < 300:
+        return True
+    if record.upstream_error in _STARTED_ERRORS:
+        return True
+    return record.client_disconnected and (status is None or status < 400)

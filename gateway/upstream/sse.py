@@ -1,0 +1,137 @@
+"""Taking the gateway's own usage back out of an event stream.
+
+When the gateway adds `stream_options.include_usage` to a stream the client did not ask
+usage for, OpenAI-style providers send two things the client would not have received: a
+last chunk with `"choices": []` and the `usage`, and a `"usage": null` member in every other
+chunk. `UsageChunks` removes both, so the client gets exactly the bytes the provider would
+have sent it, and records the usage.
+
+It works on whole SSE events: bytes up to the end of the current event are held (at most
+one event, and at most `MAX_EVENT_BYTES` of it; a longer event is relayed as it comes). An
+event it does not fully understand (several lines, not JSON, a `usage` that is neither null
+nor the gateway's chunk) is relayed unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from gateway.record import RequestRecord
+
+MAX_EVENT_BYTES = 64 * 1024
+# An empty line ends an event; lines end with CRLF, LF or CR.
+_BOUNDARY = re.compile(rb"\r\n\r\n|\r\r\n|\n\r\n|\r\n\n|\n\n|\r\r")
+_LONGEST_BOUNDARY = 4
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+# The text of a stream's deltas, for estimates when no usage comes: content, reasoning,
+# tool-call arguments, and legacy completions' text.
+_TEXT = re.compile(rb'"(?:content|reasoning_content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def text_bytes(chunk: bytes) -> int:
+    """How many bytes of answer text `chunk` carries (JSON-escaped, as sent)."""
+    return sum(len(text) for text in _TEXT.findall(chunk))
+
+
+class UsageChunks:
+    """Feed it the stream's pieces; it returns what the client should receive of them."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        self._record = record
+        self._pending = b""  # the start of an event whose end has not arrived
+        self._passing = False  # relaying an event longer than MAX_EVENT_BYTES as it comes
+        self._tail = b""  # while passing: its last bytes, where a boundary may begin
+
+    def feed(self, piece: bytes) -> bytes:
+        relayed: list[bytes] = []
+        if self._passing:
+            head, piece = self._pass(piece)
+            relayed.append(head)
+            if self._passing:
+                return head
+        buffer = self._pending + piece
+        start = 0
+        # The held bytes hold no boundary: one can only end in the new piece.
+        for found in _BOUNDARY.finditer(buffer, max(0, len(self._pending) - 3)):
+            event = buffer[start : found.end()]
+            relayed.append(self._event(event) if b'"usage"' in event else event)
+            start = found.end()
+        rest = buffer[start:]
+        if len(rest) > MAX_EVENT_BYTES:
+            relayed.append(rest)
+            self._pending, self._passing, self._tail = b"", True, rest[-_LONGEST_BOUNDARY:]
+        else:
+            self._pending = rest
+        return b"".join(relayed)
+
+    def flush(self) -> bytes:
+        """The end of the stream: an unterminated last event goes as it is."""
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _pass(self, piece: bytes) -> tuple[bytes, bytes]:
+        """Relay `piece` up to the end of the long event; return it and what follows."""
+        window = self._tail + piece
+        found = _BOUNDARY.search(window)
+        if found is None:
+            self._tail = window[-_LONGEST_BOUNDARY:]
+            return piece, b""
+        end = found.end() - len(self._tail)
+        self._passing, self._tail = False, b""
+        return piece[:end], piece[end:]
+
+    def _event(self, event: bytes) -> bytes:
+        line = _data_line(event)
+        if line is None:
+            return event
+        prefix, payload, ending = line
+        try:
+            fields = _TOP_LEVEL.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return event
+        usage = fields.get("usage")
+        if usage is None:
+            return event
+        if bytes(usage) == b"null":
+            stripped = _without_null_usage(payload, fields)
+            return event if stripped is None else prefix + stripped + ending
+        self._record.note_usage(payload)
+        return b"" if _no_choices(fields) else event
+
+
+def _data_line(event: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """`data: <payload><line ends>` split in three, if the event is that one line."""
+    line = event.rstrip(b"\r\n")
+    if b"\n" in line or b"\r" in line or not line.startswith(b"data:"):
+        return None
+    prefix = b"data: " if line.startswith(b"data: ") else b"data:"
+    return prefix, line[len(prefix) :], event[len(line) :]
+
+
+def _without_null_usage(payload: bytes, fields: dict[str, msgspec.Raw]) -> bytes | None:
+    """`payload` without its top-level `"usage": null` member, byte for byte otherwise."""
+    expected = [(k, bytes(v)) for k, v in fields.items() if k != "usage"]
+    for found in reversed(list(_NULL_USAGE.finditer(payload))):
+        candidate = payload[: found.start()] + payload[found.end() :]
+        try:
+            left = _TOP_LEVEL.decode(candidate)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        # A nested "usage": null removed instead would leave the top-level one in place.
+        if [(k, bytes(v)) for k, v in left.items()] == expected:
+            return candidate
+    return None
+
+
+def _no_choices(fields: dict[str, msgspec.Raw]) -> bool:
+    choices = fields.get("choices")
+    if choices is None:
+        return False
+    try:
+        return _LIST.decode(choices) == []
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
