@@ -9,11 +9,9 @@ that failed, fallbacks, a deployment cooling down. Then each expression, read fr
 dashboard JSON and the rules YAML, must return series, with every label it groups by: a
 panel or alert on a metric or label the gateway does not export fails here.
 
-Metrics still being added on other branches (issue #9) are listed in AWAITED. An
-expression that needs one of them and does not find it in the gateway's /metrics is an
-expected failure naming what it waits for. The configuration already has a key with a
-small day quota, and the load spends it (refused as unknown until #9 lands); once those
-metrics land, empty AWAITED: any expression the load does not feed then fails.
+The configuration routes one model through a provider that refuses connections (so
+fallbacks and cooldowns have series) and has a key with a small day quota that the load
+spends (so the quota panel and alert have series): every expression must find its series.
 """
 
 from __future__ import annotations
@@ -42,8 +40,6 @@ from tests.monitoring.promql import (
     dashboard,
     grouping_labels,
     keep_every_series,
-    label_names,
-    metric_names,
     panel_expressions,
     substitute,
 )
@@ -52,16 +48,8 @@ pytestmark = pytest.mark.e2e
 
 # Metric (family) → the labels other branches are adding to it, or all its labels when the
 # whole metric is new. Empty this once they have landed on main (the routing ones have).
-AWAITED: dict[str, frozenset[str]] = {
-    "gateway_key_requests_total": frozenset({"key", "model", "provider", "status"}),
-    "gateway_tokens_total": frozenset({"key", "model", "provider"}),
-    "gateway_key_rejections_total": frozenset({"key", "reason"}),
-    "gateway_key_quota_used_tokens": frozenset({"key", "window"}),
-    "gateway_key_quota_limit_tokens": frozenset({"key", "window"}),
-}
 # Sample name (gateway_requests_total, …_bucket) → its samples.
 Exposition = dict[str, list[Sample]]
-_HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count)$")
 
 CHAT = {"model": "qwen-plus", "messages": [{"role": "user", "content": "Hello"}]}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
@@ -135,7 +123,7 @@ QUOTA_KEY_CALLS = [Call("POST", "/v1/chat/completions", key=QUOTA_KEY, body=CHAT
 class Monitored:
     prometheus: Prometheus
     statuses: Counter[int | str]
-    # The quota key's, apart: 401 until per-key policies (#9) land.
+    # The quota key's, apart: sent one after another, so their order is the quota's.
     quota_key_statuses: list[int | str]
     # What the gateway's /metrics held after the load.
     exposition: Exposition
@@ -233,8 +221,8 @@ def test_the_load_produced_every_kind_of_answer(monitored: Monitored) -> None:
     assert sum(n for status, n in statuses.items() if str(status).startswith("5")) >= 7
     # No client saw the refused connections: each of those attempts fell back to the fake.
     assert statuses[502] == 0, statuses
-    # Unknown keys until #9 lands, then two answers and a spent quota: answered either way.
-    assert set(monitored.quota_key_statuses) <= {200, 401, 429}, monitored.quota_key_statuses
+    # Two answers of 11 tokens, then the day's 20 are spent.
+    assert monitored.quota_key_statuses == [200, 200, 429], monitored.quota_key_statuses
 
 
 def test_the_refusing_provider_was_fallen_back_from_and_cools_down(monitored: Monitored) -> None:
@@ -303,26 +291,5 @@ def assert_series(monitored: Monitored, expression: Expression, promql: str) -> 
     if result and not unlabelled:
         return
     problem = f"no series from {promql!r}" if not result else f"no series has {unlabelled}"
-    waiting = awaited_by(promql, monitored.exposition)
-    if waiting:
-        pytest.xfail(f"{expression.source}: {problem}; waiting for {', '.join(waiting)}")
     exported = sorted(name for name in monitored.exposition if name.startswith("gateway_"))
     pytest.fail(f"{expression.source}: {problem} (the gateway exports {exported})")
-
-
-def awaited_by(promql: str, exposition: Exposition) -> list[str]:
-    """What `promql` reads that is in AWAITED and not yet in the gateway's /metrics."""
-    waiting = []
-    labels = label_names(promql)
-    for name in sorted(metric_names(promql)):
-        family = _HISTOGRAM_SERIES.sub("", name)
-        if family not in AWAITED:
-            continue
-        series = exposition.get(name, [])
-        exported = {label for sample in series for label in sample.labels}
-        missing = sorted((AWAITED[family] & labels) - exported)
-        if not series:
-            waiting.append(f"{name} (no series in /metrics)")
-        elif missing:
-            waiting.append(f"{name}{{{','.join(missing)}}} (labels not in /metrics)")
-    return waiting
