@@ -6,7 +6,8 @@ Each request scripts its own answer through an optional `"fake"` object in the J
     {"model": "m", "stream": true, "fake": {"chunks": 5, "delay": 0.2}}
 
 Keys: status, chunks, delay (between chunks), sleep_before (before the headers),
-die_after (abort the connection after N chunks), framing ("chunked" or "close"),
+die_after (abort the connection after N chunks), close_after (close it cleanly after N
+chunks, without ending the chunked body), framing ("chunked" or "close"),
 error_body (the body sent with a non-2xx status), headers (extra headers of a JSON
 answer, e.g. Retry-After), embedding_size; and for usage: usage (the usage object reported
 instead of the default one, any JSON), no_usage (a JSON answer without one),
@@ -319,6 +320,7 @@ class FakeUpstream:
         count = int(script.get("chunks", 3))
         delay = float(script.get("delay", 0))
         die_after = script.get("die_after")
+        close_after = script.get("close_after")
         usage = scripted_usage(payload, body, STREAM_USAGE)
         if script.get("usage_in_every_chunk"):
             parts = [sse_chunk(i, model, usage) for i in range(count)]
@@ -336,6 +338,10 @@ class FakeUpstream:
             for sent, part in enumerate(parts):
                 if die_after is not None and sent >= int(die_after):
                     writer.transport.abort()
+                    return False
+                if close_after is not None and sent >= int(close_after):
+                    # A FIN, not a reset: the bytes sent so far are sure to arrive.
+                    writer.close()
                     return False
                 if sent and delay:
                     await asyncio.wait({gone}, timeout=delay)

@@ -9,6 +9,7 @@ per-call merging of environment settings is work done once here instead.
 from __future__ import annotations
 
 import http.client
+import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class _Failed:
     error: GatewayError | None = None  # the gateway's own 502/504, if nothing was answered
     upstream: requests.Response | None = None
     exchange: Exchange | None = None
+    body: Iterator[bytes] | None = None
     head: tuple[list[bytes], bool] | None = None
 
     def discard(self) -> None:
@@ -178,21 +180,28 @@ class UpstreamClient:
         try:
             try:
                 upstream = self._send(prepared, record, exchange, target)
+                body = pieces(upstream, self.max_body)
+                outcome, retry_after, head = self._judge(
+                    upstream, body, candidate, record, exchange
+                )
             except GatewayError as error:
-                outcome = record.upstream_error
-                if exchange.ended_by is not None or outcome is None:
+                failure = record.upstream_error
+                if exchange.ended_by is not None or failure is None:
                     raise  # the client left, the deadline passed, or the request is invalid
-                self._note(plan, slot, outcome)  # a redirect or garbage counts too
-                if not self._may_fall_back(plan, outcome):
+                self._note(plan, slot, failure)  # a redirect or garbage counts too
+                if not self._may_fall_back(plan, failure):
                     raise
                 exchange.release()
-                return _Failed(candidate, outcome, error=error)
-            outcome, retry_after, head = self._judge(upstream, candidate, record, exchange)
+                return _Failed(candidate, failure, error=error)
             self._note(plan, slot, outcome, retry_after)
             if outcome == "ok" or not self._may_fall_back(plan, outcome):
-                return self._answer(upstream, record, exchange, sent.client, head)
+                return self._answer(
+                    upstream, body, record, exchange, client=sent.client, head_read=head
+                )
             slot.release()  # it has answered: the answer kept is no work in flight there
-            return _Failed(candidate, outcome, upstream=upstream, exchange=exchange, head=head)
+            return _Failed(
+                candidate, outcome, upstream=upstream, exchange=exchange, body=body, head=head
+            )
         except BaseException:
             exchange.release()
             raise
@@ -200,18 +209,26 @@ class UpstreamClient:
     def _judge(
         self,
         upstream: requests.Response,
+        body: Iterator[bytes],
         candidate: Candidate,
         record: RequestRecord,
         exchange: Exchange,
     ) -> tuple[str, float | None, tuple[list[bytes], bool] | None]:
-        """Whether the provider's answer is its failure: (outcome, Retry-After, body read)."""
+        """Whether the provider's answer is its failure: (outcome, Retry-After, body read).
+
+        A stream's first piece is read here: a stream that breaks (or ends) before it has
+        sent anything is a failure the next deployment can still make good, because the
+        client has not been sent a byte yet (a GatewayError, as for a failed connection).
+        """
         status = upstream.status_code
+        if upstream.ok and is_stream(upstream):
+            return "ok", None, self._first_piece(body, record, exchange)
         if status == 429:
             return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
         if status >= 500:
             return "server_error", None, None
         if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
-            head = self._read_head(pieces(upstream, self.max_body), record, exchange)
+            head = self._read_head(body, record, exchange)
             if head[1] and in_arrears(b"".join(head[0])):
                 return "arrearage", None, head
             return "ok", None, head
@@ -221,9 +238,18 @@ class UpstreamClient:
         """The last attempt failed: its answer as the provider sent it, or the gateway's error."""
         if failed.error is not None:
             raise failed.error
+        # A Response is falsy when its status is an error: compare with None.
         assert failed.upstream is not None and failed.exchange is not None
+        assert failed.body is not None
         try:
-            return self._answer(failed.upstream, record, failed.exchange, client, failed.head)
+            return self._answer(
+                failed.upstream,
+                failed.body,
+                record,
+                failed.exchange,
+                client=client,
+                head_read=failed.head,
+            )
         except BaseException:
             failed.exchange.release()
             raise
@@ -298,19 +324,21 @@ class UpstreamClient:
     def _answer(
         self,
         upstream: requests.Response,
+        body: Iterator[bytes],
         record: RequestRecord,
         exchange: Exchange,
+        *,
         client: Client,
         head_read: tuple[list[bytes], bool] | None = None,
     ) -> Response:
         headers = relayable_headers(upstream.headers, self.mask)
         status = upstream.status_code
-        body = pieces(upstream, self.max_body)
         fail = lambda exc: self._translate(exc, record, exchange, mid_body=True)  # noqa: E731
         if is_stream(upstream):
             headers.update(_STREAM_HEADERS)
             record.event_stream = True
-            sse = SseRelay(exchange, body, record, Scrubber(self.mask), fail)
+            chunks = itertools.chain(head_read[0], body) if head_read else body
+            sse = SseRelay(exchange, chunks, record, Scrubber(self.mask), fail)
             return Response(sse, status=status, headers=headers)
         head, complete = head_read or self._read_head(body, record, exchange)
         if not complete:
@@ -330,6 +358,20 @@ class UpstreamClient:
         if upstream.ok:
             record.note_usage(content)
         return Response(content, status=status, headers=headers)
+
+    def _first_piece(
+        self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange
+    ) -> tuple[list[bytes], bool]:
+        try:
+            first = next(body, None)
+        except (*READ_ERRORS, AnswerTooLargeError) as exc:
+            raise self._translate(exc, record, exchange, mid_body=True) from None
+        if first is None:
+            if exchange.ended_by is not None:  # a close-delimited stream, cut by the watcher
+                raise self._translate(None, record, exchange)
+            record.upstream_error = "stream_broken"
+            raise GatewayError(502, "The upstream ended the stream before sending anything.")
+        return [first], False
 
     def _read_head(
         self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange

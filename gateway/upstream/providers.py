@@ -29,6 +29,8 @@ FALLBACK_SETTING = {
     "rate_limited": "429",
     "server_error": "5xx",
     "arrearage": "5xx",
+    # A stream that broke (or ended) before its first piece: nothing reached the client.
+    "stream_broken": "5xx",
 }
 
 

@@ -198,6 +198,39 @@ def test_a_stream_that_breaks_after_its_first_chunk_is_not_retried(
     assert b.requests == []
 
 
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_a_stream_that_ends_before_its_first_chunk_falls_back(
+    start_gateway: GatewayFactory, a: FakeUpstream, b: FakeUpstream, framing: str
+) -> None:
+    gateway = start_gateway(config(a.url, b.url), **KEYS)
+    # Status line and headers, then the connection closes before any event.
+    a.forced = {"close_after": 0, "framing": framing}
+
+    response = chat(gateway, model="gpt-4o-mini", stream=True, fake={"chunks": 3})
+
+    assert response.status_code == 200
+    assert response.content == expected_stream(3, model="qwen-plus-intl")
+    assert len(a.requests) == 1 and len(b.requests) == 1
+    assert '"attempts":["a: stream_broken"]' in gateway.logs()
+
+
+def test_a_stream_that_ends_before_its_first_chunk_with_nowhere_to_go_is_a_502(
+    start_gateway: GatewayFactory, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    gateway = start_gateway(config(a.url, b.url), **KEYS)
+    a.forced = {"close_after": 0}
+
+    # qwen-* routes to a alone: nothing to fall back to, and nothing was sent yet.
+    response = chat(gateway, model="qwen-max", stream=True)
+
+    assert response.status_code == 502
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"]["message"] == (
+        "The upstream closed the stream before it was complete."
+    )
+    assert b.requests == []
+
+
 def test_a_400_is_relayed_without_fallback(
     start_gateway: GatewayFactory, a: FakeUpstream, b: FakeUpstream
 ) -> None:
