@@ -310,4 +310,7 @@ class RedisCounters:
         self._settle(keys=[*held, *charged_to], args=[reserved, cost, *ttls])
 
     def read(self, keys: list[str]) -> list[int]:
-        return [int(v or 0) for v in self._connection.mget(keys)]
+        # Several keys' counters sit in several cluster slots, which one MGET refuses; a
+        # cluster client reads them slot by slot (each key's three windows share one).
+        mget = getattr(self._connection, "mget_nonatomic", self._connection.mget)
+        return [int(v or 0) for v in mget(keys)]
