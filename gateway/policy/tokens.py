@@ -11,15 +11,19 @@ uses beyond the limit is charged too.
 With redis:// a Lua script does each step, so every worker and replica shares one exact
 count; with memory:// a lock does, in one process. A storage outage costs the limits, never
 an answer: the counts are held in this process's memory meanwhile, the storage is retried
-with a backoff of up to 32 s, and each change of state is one log line.
+with a backoff of up to 32 s, and each change of state is one log line. A reservation is
+released where it was made: one held in memory during an outage never lowers the storage's
+counts, and one held in the storage that cannot be released during an outage is released
+there when the storage answers again (else it would eat the day and month until they end).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -31,6 +35,8 @@ from gateway.policy.keys import WINDOWS, Caller
 _PREFIX = "ai-gateway:tokens"
 _TTL = {"minute": 120, "day": 2 * 86400, "month": 33 * 86400}
 _MAX_BACKOFF = 32.0
+# Reservations held in the storage and not yet released there, during an outage.
+_MAX_PENDING_RELEASES = 10_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class Reservation:
     used: tuple[int, int, int]  # per window, this reservation included when admitted
     reserved: int
     full: str | None = None  # the window at its limit: nothing was reserved
+    # The counters that hold it (the storage, or this process's memory during an outage).
+    held_in: _Counters | None = field(default=None, compare=False, repr=False)
 
     def remaining(self, window: str) -> int | None:
         limit = self.caller.token_limit(window)
@@ -89,6 +97,7 @@ class TokenBudget:
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._backoff = 1.0
+        self._pending: deque[tuple[list[str], int]] = deque(maxlen=_MAX_PENDING_RELEASES)
 
     @property
     def up(self) -> bool:
@@ -98,37 +107,69 @@ class TokenBudget:
         now = time.time() if now is None else now
         windows = windows_at(now)
         limits = [caller.token_limit(w.name) for w in windows]
-        found = self._call("reserve", _keys(caller, windows), limits, max(0, cost))
+        found, held_in = self._call("reserve", _keys(caller, windows), limits, max(0, cost))
         full = WINDOWS[found[0] - 1] if found[0] else None
         used = (found[1], found[2], found[3])
-        return Reservation(caller, windows, used, 0 if full else max(0, cost), full)
+        return Reservation(caller, windows, used, 0 if full else max(0, cost), full, held_in)
 
     def settle(self, reservation: Reservation, cost: int, now: float | None = None) -> None:
         """Release `reservation` and charge `cost` tokens to the windows current now."""
         now = time.time() if now is None else now
         held = _keys(reservation.caller, reservation.windows)
         charged_to = _keys(reservation.caller, windows_at(now))
-        self._call("settle", held, reservation.reserved, charged_to, max(0, cost))
+        reserved = reservation.reserved
+        if reserved and reservation.held_in is self._memory is not self._primary:
+            self._memory.settle(held, reserved, [], 0)  # made during an outage: freed here
+            reserved = 0
+        cost = max(0, cost)
+        # Memory answering means the storage is down: nothing of this is held in memory.
+        offline = (held, 0, charged_to, cost)
+        _, used = self._call("settle", held, reserved, charged_to, cost, offline=offline)
+        if reserved and used is not self._primary:
+            with self._lock:  # the storage holds it but did not answer: free it there later
+                self._pending.append((held, reserved))
 
     def read(self, callers: Sequence[Caller], now: float | None = None) -> list[list[int]]:
         """Each caller's tokens used this minute, day and month."""
         windows = windows_at(time.time() if now is None else now)
         keys = [k for caller in callers for k in _keys(caller, windows)]
-        values = self._call("read", keys) if keys else []
+        values = self._call("read", keys)[0] if keys else []
         return [values[i : i + 3] for i in range(0, len(values), 3)]
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(
+        self, method: str, *args: Any, offline: tuple[Any, ...] | None = None
+    ) -> tuple[Any, _Counters]:
+        """`method` on the storage, else on this process's memory (with `offline` for
+        arguments, if given); and which one answered."""
         counters = self._counters()
+        if counters is not self._primary and offline is not None:
+            args = offline
         try:
+            if counters is self._primary and self._pending:
+                self._release_pending()
             result = getattr(counters, method)(*args)
         except Exception as exc:  # any storage failure: fail open, held per process
             if counters is self._memory:
                 raise
             self._went_down(exc)
-            return getattr(self._memory, method)(*args)
+            return getattr(self._memory, method)(*(offline or args)), self._memory
         if self._down_since is not None and counters is self._primary:
             self._came_back()
-        return result
+        return result, counters
+
+    def _release_pending(self) -> None:
+        """Free in the storage the reservations an outage kept it from freeing."""
+        with self._lock:
+            pending, self._pending = self._pending, deque(maxlen=_MAX_PENDING_RELEASES)
+        while pending:
+            held, reserved = pending[0]
+            try:
+                self._primary.settle(held, reserved, held, 0)  # nothing charged
+            except Exception:
+                with self._lock:  # still unreachable: kept for the next attempt
+                    self._pending.extendleft(reversed(pending))
+                raise
+            pending.popleft()
 
     def _counters(self) -> _Counters:
         if self._down_since is None or time.monotonic() >= self._retry_at:
@@ -269,4 +310,7 @@ class RedisCounters:
         self._settle(keys=[*held, *charged_to], args=[reserved, cost, *ttls])
 
     def read(self, keys: list[str]) -> list[int]:
-        return [int(v or 0) for v in self._connection.mget(keys)]
+        # Several keys' counters sit in several cluster slots, which one MGET refuses; a
+        # cluster client reads them slot by slot (each key's three windows share one).
+        mget = getattr(self._connection, "mget_nonatomic", self._connection.mget)
+        return [int(v or 0) for v in mget(keys)]

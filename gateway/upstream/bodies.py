@@ -134,15 +134,15 @@ class SseRelay(_AnswerRelay):
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
         # The gateway asked for usage: its usage chunk (and "usage": null) are taken out.
-        ours = UsageChunks(record) if record.inject_usage else None
+        # Otherwise the events are only read: a usage chunk the provider's pieces cut in
+        # two is still counted whole.
+        ours = UsageChunks(record, remove=record.inject_usage)
         try:
             for piece in self._chunks:
                 if record.ttfb is None:
                     record.ttfb = record.elapsed()
                 record.completion_bytes += text_bytes(piece)
-                chunk = ours.feed(piece) if ours is not None else piece
-                if ours is None and b'"usage"' in chunk:
-                    record.note_usage(chunk)
+                chunk = ours.feed(piece)
                 if masked := self._scrubber.feed(chunk):
                     yield masked
         except (*READ_ERRORS, AnswerTooLargeError) as exc:
@@ -160,8 +160,8 @@ class SseRelay(_AnswerRelay):
             yield held
         self._finished = True
 
-    def _held(self, ours: UsageChunks | None) -> bytes:
-        rest = ours.flush() if ours is not None else b""
+    def _held(self, ours: UsageChunks) -> bytes:
+        rest = ours.flush()
         return self._scrubber.feed(rest) + self._scrubber.flush()
 
 

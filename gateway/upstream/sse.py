@@ -4,7 +4,9 @@ When the gateway adds `stream_options.include_usage` to a stream the client did 
 usage for, OpenAI-style providers send two things the client would not have received: a
 last chunk with `"choices": []` and the `usage`, and a `"usage": null` member in every other
 chunk. `UsageChunks` removes both, so the client gets exactly the bytes the provider would
-have sent it, and records the usage.
+have sent it, and records the usage. For a stream whose client asked for usage itself it
+only reads the events (`remove=False`): each piece goes on at once, unchanged, and the
+usage is recorded however the provider's pieces cut its chunk.
 
 It works on whole SSE events: bytes up to the end of the current event are held (at most
 one event, and at most `MAX_EVENT_BYTES` of it; a longer event is relayed as it comes). An
@@ -40,13 +42,18 @@ def text_bytes(chunk: bytes) -> int:
 class UsageChunks:
     """Feed it the stream's pieces; it returns what the client should receive of them."""
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, *, remove: bool = True) -> None:
         self._record = record
+        self._remove = remove
         self._pending = b""  # the start of an event whose end has not arrived
         self._passing = False  # relaying an event longer than MAX_EVENT_BYTES as it comes
         self._tail = b""  # while passing: its last bytes, where a boundary may begin
 
     def feed(self, piece: bytes) -> bytes:
+        relayed = self._events(piece)
+        return relayed if self._remove else piece
+
+    def _events(self, piece: bytes) -> bytes:
         relayed: list[bytes] = []
         if self._passing:
             head, piece = self._pass(piece)
@@ -71,7 +78,7 @@ class UsageChunks:
     def flush(self) -> bytes:
         """The end of the stream: an unterminated last event goes as it is."""
         rest, self._pending = self._pending, b""
-        return rest
+        return rest if self._remove else b""  # when only reading, it went on as it came
 
     def _pass(self, piece: bytes) -> tuple[bytes, bytes]:
         """Relay `piece` up to the end of the long event; return it and what follows."""
@@ -86,7 +93,8 @@ class UsageChunks:
 
     def _event(self, event: bytes) -> bytes:
         line = _data_line(event)
-        if line is None:
+        if line is None:  # relayed unchanged, but a usage in it is still the answer's cost
+            self._record.note_usage(event)
             return event
         prefix, payload, ending = line
         try:
@@ -97,10 +105,12 @@ class UsageChunks:
         if usage is None:
             return event
         if bytes(usage) == b"null":
+            if not self._remove:
+                return event
             stripped = _without_null_usage(payload, fields)
             return event if stripped is None else prefix + stripped + ending
         self._record.note_usage(payload)
-        return b"" if _no_choices(fields) else event
+        return b"" if self._remove and _no_choices(fields) else event
 
 
 def _data_line(event: bytes) -> tuple[bytes, bytes, bytes] | None:

@@ -6,7 +6,9 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,8 +18,9 @@ from loguru import logger
 from werkzeug.test import TestResponse
 
 from gateway.config import KeyPolicy
+from gateway.policy import tokens
 from gateway.policy.keys import Caller
-from gateway.policy.tokens import TokenBudget, windows_at
+from gateway.policy.tokens import MemoryCounters, TokenBudget, windows_at
 from gateway.policy.usage import charge, reservation
 from tests.constants import GATEWAY_KEY, UNIT_UPSTREAM
 from tests.unit.support import MakeApp, assert_openai_error
@@ -247,3 +250,69 @@ def test_a_dead_redis_fails_open_with_one_log_line() -> None:
 )
 def test_what_an_answer_costs(usage: dict[str, int], tokens: int) -> None:
     assert charge(usage) == tokens
+
+
+class _FlakyRedis(MemoryCounters):
+    """Stands in for RedisCounters: the same counters, and an outage at will."""
+
+    down = False
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+
+    def _check(self) -> None:
+        if type(self).down:
+            raise ConnectionError("redis is down")
+
+    def reserve(self, keys: list[str], limits: list[int], cost: int) -> list[int]:
+        self._check()
+        return super().reserve(keys, limits, cost)
+
+    def settle(self, held: list[str], reserved: int, charged_to: list[str], cost: int) -> None:
+        self._check()
+        super().settle(held, reserved, charged_to, cost)
+
+    def read(self, keys: list[str]) -> list[int]:
+        self._check()
+        return super().read(keys)
+
+
+@pytest.fixture
+def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """A redis:// budget's storage that goes down at will; the clock its retries follow."""
+    clock = [1000.0]
+    monkeypatch.setattr(_FlakyRedis, "down", False)
+    monkeypatch.setattr(tokens, "RedisCounters", _FlakyRedis)
+    monkeypatch.setattr(tokens, "time", SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
+    yield clock
+
+
+def test_a_reservation_the_storage_could_not_release_is_released_when_it_is_back(
+    flaky: list[float],
+) -> None:
+    budget = TokenBudget("redis://127.0.0.1:6379/0")
+    caller = Caller("key_blip", tpm=1000, tokens_per_month=10_000)
+    held = budget.reserve(caller, 400)  # held in Redis: the day and month hold 400 too
+    _FlakyRedis.down = True
+    budget.settle(held, 10)  # Redis is down as the answer ends
+    _FlakyRedis.down, flaky[0] = False, flaky[0] + 60  # back, and past the backoff
+
+    assert budget.read([caller]) == [[0, 0, 0]]  # not 400 for the rest of the month
+    assert budget.up
+
+
+def test_a_reservation_made_during_an_outage_never_lowers_the_storages_counts(
+    flaky: list[float],
+) -> None:
+    budget = TokenBudget("redis://127.0.0.1:6379/0")
+    caller = Caller("key_blip", tpm=1000)
+    budget.reserve(caller, 300)  # another request, in flight, held in Redis
+    _FlakyRedis.down = True
+    during = budget.reserve(caller, 400)  # held in this process's memory
+    _FlakyRedis.down, flaky[0] = False, flaky[0] + 60
+
+    budget.settle(during, 5)
+
+    assert budget.read([caller])[0][0] == 305  # the other's 300 kept, these 5 charged
+    _FlakyRedis.down, flaky[0] = True, flaky[0] + 60
+    assert budget.read([caller])[0][0] == 0  # memory no longer holds the 400 either

@@ -12,7 +12,7 @@ from gateway.upstream.edits import asked_for_usage, edited
 from gateway.upstream.sse import MAX_EVENT_BYTES, UsageChunks, text_bytes
 from tests.constants import UNIT_UPSTREAM
 from tests.fake_upstream import expected_stream, sse_chunk, usage_chunk
-from tests.unit.support import ScriptedAnswer
+from tests.unit.support import MakeApp, ScriptedAnswer
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_CHAT = f"{UNIT_UPSTREAM}/chat/completions"
@@ -203,3 +203,30 @@ def test_through_the_app_a_client_that_asked_gets_the_providers_bytes(
     assert response.get_data() == WITH_USAGE
     response.close()
     assert upstream.calls[0].request.body == raw  # untouched
+
+
+def test_a_client_that_asked_is_charged_its_usage_chunk_whatever_the_pieces(
+    make_app: MakeApp,
+    auth: dict[str, str],
+    upstream: responses.RequestsMock,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = make_app().test_client()  # built here: its log sink is the captured stdout
+    # A proxy in front of a provider may cut events anywhere: here every 7 bytes, so the
+    # usage chunk's counts arrive in pieces that do not say "usage".
+    pieces = [WITH_USAGE[i : i + 7] for i in range(0, len(WITH_USAGE), 7)]
+    upstream.add(ScriptedAnswer("POST", UPSTREAM_CHAT, pieces, chunked=True))
+    request = {"model": "qwen-plus", "stream": True, "stream_options": {"include_usage": True}}
+
+    assert _stream_through(client, auth, request) == WITH_USAGE
+    line = next(orjson.loads(x) for x in capsys.readouterr().out.splitlines() if '"access"' in x)
+    assert line["usage"] == USAGE
+    assert "usage_estimated" not in line
+
+
+def test_the_usage_of_an_event_with_several_lines_is_still_counted() -> None:
+    event = b"id: 9\n" + usage_chunk("m", USAGE)
+    body, rec = strip([sse_chunk(0, "m"), event])
+
+    assert body == sse_chunk(0, "m") + event  # not understood: relayed unchanged
+    assert rec.usage == USAGE
