@@ -86,6 +86,18 @@ def on_starting(server: Any) -> None:
     reloading.check_reloads(server, _settings, create_app)
 
 
+def post_fork(server: Any, worker: Any) -> None:
+    """A booting worker dies at once on SIGTERM, SIGINT or SIGQUIT: it has nothing to drain.
+
+    Until the worker installs its own handlers, it has the master's, which only queue the
+    signal in the child's copy of the master, where nobody reads it: the worker would boot
+    and serve on, and the master's shutdown wait for it all of graceful_timeout. A SIGTERM
+    soon after a SIGHUP meets a booting worker (the master handles it during the reload's
+    drain, see gateway/server/reloading.py)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def post_worker_init(worker: Any) -> None:
     """Mark the app as draining on SIGTERM, so /ready turns 503 while streams finish."""
     previous = signal.getsignal(signal.SIGTERM)

@@ -11,7 +11,8 @@ would end the master with every stream open. So the master checks first:
 2. if either fails: one error line says why, and nothing else happens (same workers, same
    streams, same settings: a restart for nothing would also cut streams longer than
    graceful_timeout and, with memory://, reset the rate-limit counters);
-3. otherwise: the new app replaces gunicorn's cached one, then gunicorn's reload runs.
+3. otherwise: the new app replaces gunicorn's cached one, then gunicorn's reload runs,
+   without its wait for the old workers (see `_without_drain_wait`).
 
 May import `gateway.config` and `gateway.logs`; the app factory is passed in by
 gunicorn.conf.py (only the entry points import it).
@@ -77,9 +78,45 @@ def check_reloads(server: Any, settings: Settings, build_app: Callable[[Settings
             "on the previous one",
             describe_changes(previous, new_settings),
         )
-        gunicorn_reload()
+        _without_drain_wait(server, gunicorn_reload)
 
     server.reload = reload
+
+
+class _DrainInMainLoop(Exception):  # noqa: N818 - a way out, not an error
+    """Ends gunicorn's reload at its wait for the old workers."""
+
+
+def _without_drain_wait(server: Any, gunicorn_reload: Callable[[], None]) -> None:
+    """Run gunicorn's reload up to its spawning the new workers and SIGTERMing the old ones.
+
+    gunicorn 27's reload then loops, reaping, until the old workers have exited, up to
+    graceful_timeout: the master handles no signal meanwhile, so a SIGTERM during that
+    drain would wait for it, then get a whole graceful_timeout of its own (twice 120 s,
+    past terminationGracePeriodSeconds). That loop calls `reap_workers` first thing: the
+    wrapper below reaps once and leaves the reload there. The main loop then reaps the old
+    workers as they exit (SIGCHLD) and stays free for the next signal; on SIGTERM its stop
+    waits for all workers, old ones included, within one graceful_timeout.
+
+    gunicorn waited "to prevent double SIGTERM": until they exit, the main loop's
+    manage_workers sends the old workers (beyond `workers`, oldest first) SIGTERM again
+    each turn. Harmless to gthread's worker, which ours is: its handle_exit acts only
+    while `alive`, its drain deadline is set once, on the first signal, and the handler
+    gunicorn.conf.py adds only sets an event.
+    """
+    reap_workers = server.reap_workers
+
+    def reap_then_leave() -> None:
+        reap_workers()
+        raise _DrainInMainLoop
+
+    server.reap_workers = reap_then_leave
+    try:
+        gunicorn_reload()
+    except _DrainInMainLoop:
+        pass
+    finally:
+        server.reap_workers = reap_workers
 
 
 def _load_and_build(

@@ -4,6 +4,7 @@ reads them, and apps built from the settings a manifest would give the container
 from __future__ import annotations
 
 import dataclasses
+import re
 import runpy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,26 @@ REPO = Path(__file__).resolve().parents[2]
 SECRETS = {"TARGET_API_KEY": UPSTREAM_KEY, "GATEWAY_API_KEYS": GATEWAY_KEY}
 # Variables load_settings also honours in lower case (requests' proxy convention).
 _LOWER_CASE_PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def variables_named_by(gateway_config: str) -> set[str]:
+    """The environment variables a GATEWAY_CONFIG file names: providers' `api_key_env`,
+    keys' `key_env`, and every `${VAR}` in a value (comments are not the file)."""
+
+    def walk(value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            for field, item in value.items():
+                if field in ("api_key_env", "key_env") and isinstance(item, str):
+                    yield item
+                else:
+                    yield from walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from walk(item)
+        elif isinstance(value, str):
+            yield from re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value)
+
+    return set(walk(yaml.safe_load(gateway_config)))
 
 
 def run_gunicorn_config(env: Mapping[str, str]) -> dict[str, Any]:

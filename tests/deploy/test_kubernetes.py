@@ -10,7 +10,15 @@ import kubernetes_validate
 import pytest
 
 from gateway.config import ENVIRONMENT_VARIABLES, SERVICE_NAME, VERSION, ConfigError, load_settings
-from tests.deploy.conftest import REPO, SECRETS, app_for, bind_port, run_gunicorn_config
+from tests.constants import GATEWAY_KEY, UPSTREAM_KEY
+from tests.deploy.conftest import (
+    REPO,
+    SECRETS,
+    app_for,
+    bind_port,
+    run_gunicorn_config,
+    variables_named_by,
+)
 from tests.deploy.parsers import Instruction, final_stage
 
 # A version kubernetes-validate ships schemas for (it works offline); autoscaling/v2 and
@@ -88,10 +96,53 @@ def gateway_container(gateway: Document) -> Document:
     return containers[0]
 
 
+def mounted_file(documents: list[Document], deployment: Document, path: str) -> str:
+    """The text of the file at `path` in the gateway container: a ConfigMap volume's key."""
+    container = pod_spec(deployment)["containers"][0]
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    for mount in container["volumeMounts"]:
+        directory = mount["mountPath"].rstrip("/") + "/"
+        source = volumes[mount["name"]].get("configMap")
+        if path.startswith(directory) and source is not None:
+            return find(documents, "ConfigMap", source["name"])["data"][path[len(directory) :]]
+    raise AssertionError(f"nothing is mounted at {path}")
+
+
 @pytest.fixture(scope="module")
-def gateway_env(k8s_documents: list[Document], gateway_container: Document) -> dict[str, str]:
+def gateway_config(
+    k8s_documents: list[Document], gateway: Document, gateway_container: Document
+) -> str:
+    """The GATEWAY_CONFIG file the container reads."""
+    path = container_env(k8s_documents, gateway_container)["GATEWAY_CONFIG"]
+    return mounted_file(k8s_documents, gateway, path)
+
+
+@pytest.fixture(scope="module")
+def secret_variables(gateway_config: str) -> set[str]:
+    """What the Secret must carry: the client keys and every variable the file names."""
+    return {"GATEWAY_API_KEYS", *variables_named_by(gateway_config)}
+
+
+@pytest.fixture(scope="module")
+def local_env(
+    k8s_documents: list[Document],
+    gateway_container: Document,
+    gateway_config: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:
+    """The container's environment, its GATEWAY_CONFIG file written here."""
+    path = tmp_path_factory.mktemp("k8s") / "gateway.yaml"
+    path.write_text(gateway_config)
+    return {**container_env(k8s_documents, gateway_container), "GATEWAY_CONFIG": str(path)}
+
+
+@pytest.fixture(scope="module")
+def gateway_env(local_env: dict[str, str], secret_variables: set[str]) -> dict[str, str]:
     """The container's environment with stand-ins for the Secret's (empty) placeholders."""
-    return {**container_env(k8s_documents, gateway_container), **SECRETS}
+    stand_ins = {
+        n: GATEWAY_KEY if n == "GATEWAY_API_KEYS" else UPSTREAM_KEY for n in secret_variables
+    }
+    return {**local_env, **stand_ins}
 
 
 def test_every_document_is_valid(k8s_documents: list[Document]) -> None:
@@ -179,27 +230,48 @@ def test_tmp_is_a_writable_empty_dir(gateway: Document, gateway_container: Docum
     assert not mounts["/tmp"].get("readOnly", False)
 
 
-def test_sets_only_variables_the_gateway_reads(gateway_env: dict[str, str]) -> None:
-    assert set(gateway_env) <= set(ENVIRONMENT_VARIABLES)
-    assert {"TARGET_API_KEY", "GATEWAY_API_KEYS", "RATE_LIMIT_STORAGE_URI"} <= set(gateway_env)
+def test_sets_only_variables_the_gateway_reads(
+    k8s_documents: list[Document], gateway_container: Document, gateway_config: str
+) -> None:
+    env = set(container_env(k8s_documents, gateway_container))
+    named = variables_named_by(gateway_config)
+    assert named, "the mounted GATEWAY_CONFIG file names no key variable"
+    # The gateway's own variables, and exactly those the mounted file names besides.
+    assert env - set(ENVIRONMENT_VARIABLES) == named
+    assert {"GATEWAY_CONFIG", "GATEWAY_API_KEYS", "RATE_LIMIT_STORAGE_URI"} <= env
+    # Dead with the file: its providers replace the single one.
+    assert not env & {"TARGET_API_URL", "TARGET_API_KEY"}
+
+
+def test_the_file_starts_with_the_secrets_variables_and_no_fewer(
+    gateway_env: dict[str, str], secret_variables: set[str]
+) -> None:
+    settings = load_settings({**gateway_env, "ENV_FILE": ""})
+    assert settings.gateway_config == gateway_env["GATEWAY_CONFIG"]
+    assert len(settings.providers) > 1
+    # Each variable the file names is needed: without it the file is refused.
+    for name in secret_variables - {"GATEWAY_API_KEYS"}:
+        without = {k: v for k, v in gateway_env.items() if k != name}
+        with pytest.raises(ConfigError, match=name):
+            load_settings({**without, "ENV_FILE": ""})
 
 
 def test_secret_holds_only_placeholders(
-    k8s_documents: list[Document], gateway_container: Document
+    k8s_documents: list[Document], local_env: dict[str, str], secret_variables: set[str]
 ) -> None:
     secrets = [d for d in k8s_documents if d["kind"] == "Secret"]
     assert secrets
     for secret in secrets:
         # base64 `data` would hide a real key from review: plain stringData only.
         assert "data" not in secret
-        assert set(secret["stringData"]) == set(SECRETS)
+        assert set(secret["stringData"]) == secret_variables
         assert all(value == "" for value in secret["stringData"].values())
     config = find(k8s_documents, "ConfigMap", "ai-gateway-config")["data"]
-    assert not set(config) & set(SECRETS)
+    assert not set(config) & (secret_variables | set(SECRETS))
     assert urlsplit(config["RATE_LIMIT_STORAGE_URI"]).password is None
     # Unfilled, the Secret stops the gateway at start-up instead of serving a dummy key.
     with pytest.raises(ConfigError):
-        load_settings({**container_env(k8s_documents, gateway_container), "ENV_FILE": ""})
+        load_settings({**local_env, "ENV_FILE": ""})
 
 
 def test_probes_hit_routes_the_app_serves_on_the_bound_port(
@@ -262,8 +334,8 @@ def test_the_providers_config_map_is_the_example_file_mounted_where_documented(
     mount = mounts["/etc/ai-gateway"]
     assert mount["readOnly"] is True
     assert volumes[mount["name"]]["configMap"]["name"] == "ai-gateway-providers"
-    # The commented-out GATEWAY_CONFIG names the mounted file.
-    assert (
-        "# GATEWAY_CONFIG: /etc/ai-gateway/gateway.yaml"
-        in (REPO / "k8s-deployment.yaml").read_text()
-    )
+    # GATEWAY_CONFIG names the mounted file, which the kubelet updates in place.
+    assert "subPath" not in mount
+    env = container_env(k8s_documents, gateway_container)
+    assert env["GATEWAY_CONFIG"] == "/etc/ai-gateway/gateway.yaml"
+    assert mounted_file(k8s_documents, gateway, env["GATEWAY_CONFIG"]) == example

@@ -9,6 +9,7 @@ request id each one received.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ import requests
 
 from tests.constants import GATEWAY_KEY, UPSTREAM_KEY
 from tests.e2e.conftest import Gateway, GatewayFactory
-from tests.e2e.test_shutdown import StreamInFlight
+from tests.e2e.test_shutdown import StreamInFlight, port_of
 from tests.fake_upstream import FakeUpstream, expected_stream
 
 pytestmark = pytest.mark.e2e
@@ -295,3 +296,47 @@ def test_an_invalid_gateway_config_file_on_hup_keeps_the_old_route_then_a_fixed_
     assert len(reloaded) == 1 and "routes" in reloaded[0]["message"], reloaded
     assert received_by(gateway, upstreams) == ["b"]
     assert len(errors_in(gateway)) == 1
+
+
+def test_a_sigterm_during_the_drain_of_a_reload_shuts_down_while_the_old_stream_runs(
+    gateway: Gateway, env_file: Path
+) -> None:
+    old_workers = worker_pids(gateway)
+    stream = StreamInFlight(gateway, {"Authorization": f"Bearer {OLD_KEY}"}, chunks=20, delay=0.5)
+
+    env_file.write_text(f"GATEWAY_API_KEYS={NEW_KEY}\n")
+    gateway.process.send_signal(signal.SIGHUP)
+    # The new worker is up: the old one, with the stream, drains.
+    wait_for(lambda: worker_pids(gateway) - old_workers, "a new worker")
+    gateway.process.send_signal(signal.SIGTERM)
+
+    def handled() -> bool:
+        return any(e["message"] == "Handling signal: term" for e in log_lines(gateway))
+
+    wait_for(lambda: handled() or stream.finished_at is not None, "the SIGTERM to be handled")
+    # Handled while the old worker still streams, not once its drain is over (gunicorn's
+    # reload blocked the master until then, and the shutdown drained all over again).
+    assert stream.finished_at is None, "the master waited for the drain to handle SIGTERM"
+    assert old_workers <= worker_pids(gateway)
+    refused = False
+    for _ in range(50):  # the master closed its socket, the new worker closes its own
+        try:
+            with socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=0.5):
+                pass
+            time.sleep(0.1)
+        except ConnectionRefusedError:
+            refused = True
+            break
+    still_streaming = stream.finished_at is None
+
+    stream.join(timeout=30)
+    assert stream.status == 200
+    assert bytes(stream.body) == expected_stream(20)  # drained whole, never cut
+    assert gateway.process.wait(30) == 0, gateway.logs()
+    assert refused and still_streaming
+    messages = [e["message"] for e in log_lines(gateway)]
+    [old_worker] = old_workers
+    assert messages.index("Handling signal: term") < messages.index(
+        f"Worker exiting (pid: {old_worker})"
+    )
+    assert errors_in(gateway) == []
