@@ -77,7 +77,8 @@ def _header_secrets(providers: Any, env: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def _interpolate(value: Any, env: Mapping[str, str], where: tuple[str, ...]) -> Any:
-    """`${VAR}` in any string value becomes the variable's value; an unset one is an error."""
+    """`${VAR}` in any string value becomes the variable's value. An unset or empty one is
+    an error: an empty Secret entry would otherwise start a provider with no key at all."""
     if isinstance(value, dict):
         return {k: _interpolate(v, env, (*where, str(k))) for k, v in value.items()}
     if isinstance(value, list):
@@ -87,9 +88,9 @@ def _interpolate(value: Any, env: Mapping[str, str], where: tuple[str, ...]) -> 
 
     def substitute(found: re.Match[str]) -> str:
         name = found.group(1)
-        if name not in env:
+        if not env.get(name, "").strip():
             raise FileError(f"{'.'.join(where)}: ${{{name}}} is not set in the environment")
-        return env[name]
+        return env[name].strip()
 
     return _VARIABLE.sub(substitute, value)
 

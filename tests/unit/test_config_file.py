@@ -235,3 +235,11 @@ def test_a_variable_in_a_provider_header_is_a_secret_like_a_key(tmp_path: Path) 
     assert azure in settings.secrets and azure in settings.upstream_secrets
     # A header written in the file is no secret: masking it would corrupt answers.
     assert "my-app-title-long" not in settings.upstream_secrets
+
+
+def test_an_empty_variable_is_refused_like_an_unset_one(tmp_path: Path) -> None:
+    text = "providers:\n  intl:\n    preset: dashscope-singapore\n    api_key: ${INTL_KEY}\n"
+
+    found = refusal(tmp_path, text, INTL_KEY="")
+
+    assert "providers.intl.api_key: ${INTL_KEY} is not set in the environment" in found
