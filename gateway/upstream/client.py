@@ -45,6 +45,7 @@ from gateway.upstream.providers import (
     in_arrears,
     is_stream,
     retry_after,
+    status_failure,
 )
 from gateway.upstream.router import Candidate, Plan, Router, Slot
 from gateway.upstream.scrub import Scrubber, SecretMask
@@ -194,6 +195,8 @@ class UpstreamClient:
                 exchange.release()
                 return _Failed(candidate, failure, error=error)
             self._note(plan, slot, outcome, retry_after)
+            if outcome == "provider_auth" and not self._may_fall_back(plan, outcome):
+                raise self._refused(candidate, record)  # never relayed: see _refused
             if outcome == "ok" or not self._may_fall_back(plan, outcome):
                 return self._answer(
                     upstream, body, record, exchange, client=sent.client, head_read=head
@@ -225,8 +228,8 @@ class UpstreamClient:
             return "ok", None, self._first_piece(body, record, exchange)
         if status == 429:
             return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
-        if status >= 500:
-            return "server_error", None, None
+        if (failure := status_failure(status)) is not None:
+            return failure, None, None
         if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
             head = self._read_head(body, record, exchange)
             if head[1] and in_arrears(b"".join(head[0])):
@@ -238,6 +241,9 @@ class UpstreamClient:
         """The last attempt failed: its answer as the provider sent it, or the gateway's error."""
         if failed.error is not None:
             raise failed.error
+        if failed.outcome == "provider_auth":
+            failed.discard()
+            raise self._refused(failed.candidate, record)
         # A Response is falsy when its status is an error: compare with None.
         assert failed.upstream is not None and failed.exchange is not None
         assert failed.body is not None
@@ -253,6 +259,24 @@ class UpstreamClient:
         except BaseException:
             failed.exchange.release()
             raise
+
+    @staticmethod
+    def _refused(candidate: Candidate, record: RequestRecord) -> GatewayError:
+        """A provider's 401/403 is about the gateway's key for it, not the client's: relayed,
+        the client's SDK would report its own key as wrong. The provider is named, no key."""
+        name = candidate.provider.name
+        record.upstream_error = "provider_auth"
+        logger.bind(provider=name, upstream_status=record.upstream_status).error(
+            "provider {} refused the gateway's credentials (HTTP {}): check its key",
+            name,
+            record.upstream_status,
+        )
+        return GatewayError(
+            502,
+            f"The provider '{name}' refused the gateway's credentials for it; "
+            "this is the gateway's configuration, not your API key.",
+            code="provider_auth_failed",
+        )
 
     def _note(self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None) -> None:
         key = slot.candidate.key

@@ -338,11 +338,11 @@ def test_provider_keys_stay_with_their_provider_and_echoes_are_masked(
     gateway = start_gateway(config(a.url, b.url), **KEYS)
     echo = {"error": {"message": f"I saw {B_KEY} and {A_KEY}"}}
     a.forced = {"status": 503, "error_body": echo}
-    b.forced = {"status": 401, "error_body": echo}
+    b.forced = {"status": 400, "error_body": echo}
 
     response = chat(gateway, model="gpt-4o-mini")
 
-    assert response.status_code == 401  # the last attempt's answer, masked
+    assert response.status_code == 400  # the last attempt's answer, masked
     assert A_KEY not in response.text
     assert B_KEY not in response.text
     assert "I saw sk-" in response.text

@@ -1,0 +1,67 @@
+"""A provider's own failures under real gunicorn, with fake providers on loopback: its
+refusal of the gateway's key, a provider that takes no `stream_options`, a stream broken
+mid-body. Provider `a` is preferred (see test_routing)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.constants import GATEWAY_KEY
+from tests.e2e.conftest import GatewayFactory
+from tests.e2e.test_routing import A_KEY, KEYS, config, models_sent, scrape
+from tests.fake_upstream import FakeUpstream
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def a() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def b() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+def log_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_a_provider_refusing_the_gateways_key_falls_back_then_is_a_502_not_the_clients_401(
+    start_gateway: GatewayFactory, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    gateway = start_gateway(config(a.url, b.url), **KEYS)
+    a.forced = {"status": 401, "error_body": {"error": {"message": f"Bad key {A_KEY}"}}}
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=GATEWAY_KEY, max_retries=0)
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "hi"}
+    ]
+
+    answer = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    # qwen-* routes to a alone: nowhere left to go.
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.chat.completions.create(model="qwen-max", messages=messages)
+
+    assert answer.model == "qwen-plus-intl"  # b answered
+    assert refused.value.status_code == 502
+    assert "'a'" in refused.value.message and "credentials" in refused.value.message
+    assert A_KEY not in str(refused.value.body)
+    logs = gateway.logs()
+    assert A_KEY not in logs
+    errors = [line for line in log_lines(logs) if line.get("level") == "error"]
+    assert [line.get("provider") for line in errors] == ["a"]
+    assert '"attempts":["a: provider_auth"]' in logs
+    # The refusal cooled every deployment of a (its wildcard route's too); with all of
+    # qwen-max's cooling, the least recently failed one is still tried, alone.
+    cooling = scrape(gateway, "gateway_deployment_cooldown")
+    assert cooling[frozenset({("provider", "a"), ("upstream_model", "qwen-*")})] == 1
+    assert len(a.requests) == 2 and models_sent(b) == ["qwen-plus-intl"]
