@@ -127,6 +127,7 @@ class UpstreamClient:
         # byte would never trip the read timeout. A stream may take as long as it streams.
         deadline = None if record.stream else time.monotonic() + self.total_timeout
         policy = plan.policy
+        inject_usage = record.inject_usage  # wished for the request; each attempt decides
         failed: _Failed | None = None
         tried = 0
         for candidate in plan.candidates:
@@ -140,7 +141,7 @@ class UpstreamClient:
                 failed.discard()
                 self._fall_back(plan, record, failed.candidate, failed.outcome)
             tried += 1
-            sent = _Sent(method, path, query, headers, body, deadline, client)
+            sent = _Sent(method, path, query, headers, body, deadline, client, inject_usage)
             result = self._attempt(plan, candidate, slot, sent, record)
             if isinstance(result, Response):
                 return result
@@ -161,6 +162,8 @@ class UpstreamClient:
         target = self.targets[provider]
         record.provider, record.upstream_model = provider, candidate.upstream_model
         record.upstream_error = record.upstream_status = record.upstream_request_id = None
+        # What this attempt asks: the relay strips the usage chunk only when it was asked.
+        record.inject_usage = sent.inject_usage and candidate.provider.stream_usage
         prepared = self._prepare(
             sent.method,
             target.base_url + sent.path_and_query,
@@ -531,6 +534,8 @@ class _Sent:
     body: bytes | None
     deadline: float | None
     client: Client
+    # Usage is to be asked for (the client did not), where the provider takes stream_options.
+    inject_usage: bool
 
     @property
     def path_and_query(self) -> str:

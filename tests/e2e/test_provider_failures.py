@@ -8,12 +8,14 @@ import json
 from collections.abc import Iterator
 
 import openai
+import orjson
 import pytest
 
 from tests.constants import GATEWAY_KEY
 from tests.e2e.conftest import GatewayFactory
-from tests.e2e.test_routing import A_KEY, KEYS, config, models_sent, scrape
-from tests.fake_upstream import FakeUpstream
+from tests.e2e.test_keys import access_lines
+from tests.e2e.test_routing import A_KEY, KEYS, chat, config, models_sent, scrape
+from tests.fake_upstream import FakeUpstream, expected_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -65,3 +67,31 @@ def test_a_provider_refusing_the_gateways_key_falls_back_then_is_a_502_not_the_c
     cooling = scrape(gateway, "gateway_deployment_cooldown")
     assert cooling[frozenset({("provider", "a"), ("upstream_model", "qwen-*")})] == 1
     assert len(a.requests) == 2 and models_sent(b) == ["qwen-plus-intl"]
+
+
+def test_a_provider_without_stream_options_gets_none_and_its_usage_is_estimated(
+    start_gateway: GatewayFactory, a: FakeUpstream
+) -> None:
+    strict = f"""
+providers:
+  a:
+    base_url: {a.url}
+    api_key_env: A_API_KEY
+    stream_usage: false
+models:
+  "*": a
+"""
+    gateway = start_gateway(strict, **KEYS)
+    body = {"model": "m", "stream": True, "fake": {"chunks": 4}}
+
+    plain = chat(gateway, **body)
+    asked = chat(gateway, **body, stream_options={"include_usage": True})
+
+    sent = [orjson.loads(r.body) for r in a.requests]
+    assert "stream_options" not in sent[0]
+    assert sent[1]["stream_options"] == {"include_usage": True}  # the client's own
+    assert plain.content == expected_stream(4, model="m")  # the provider's bytes
+    assert asked.content == expected_stream(4, model="m", usage=True)
+    access = access_lines(gateway, 2)
+    assert [line.get("usage_estimated", False) for line in access] == [True, False]
+    assert access[0]["usage"]["completion_tokens"] > 0

@@ -1,4 +1,5 @@
-"""A provider's own failures: its refusal of the gateway's key (401/403)."""
+"""What depends on the provider: its refusal of the gateway's key (401/403), and whether
+it takes `stream_options` (stream_usage)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import responses
 from flask import Flask
 
 from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy
+from tests.fake_upstream import expected_stream
 from tests.unit.support import MakeApp, assert_openai_error
 
 CHAT = "/v1/chat/completions"
@@ -21,11 +23,13 @@ ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","model":"qwen-plus","ch
 REFUSAL = json.dumps({"error": {"message": f"Incorrect API key provided: {A_KEY}"}}).encode()
 
 
-def build(make_app: MakeApp, **routing: Any) -> Flask:
+def build(
+    make_app: MakeApp, *, a_usage: bool = True, b_usage: bool = True, **routing: Any
+) -> Flask:
     """`gpt-4o-mini` → a then b; `qwen-*` → a alone."""
     providers = (
-        Provider(name="a", base_url=A_URL, api_key=A_KEY),
-        Provider(name="b", base_url=B_URL, api_key=B_KEY),
+        Provider(name="a", base_url=A_URL, api_key=A_KEY, stream_usage=a_usage),
+        Provider(name="b", base_url=B_URL, api_key=B_KEY, stream_usage=b_usage),
     )
     routes = (
         ModelRoute(
@@ -136,3 +140,46 @@ def test_a_refusal_cools_every_deployment_of_that_provider(
     assert urls == [f"{A_URL}/chat/completions"] + [f"{B_URL}/chat/completions"] * 2
     cooling = app.extensions["gateway.upstream"].router.cooling()
     assert sorted(cooling) == [("a", "qwen-*"), ("a", "qwen-plus")]
+
+
+@pytest.mark.parametrize(("a_usage", "b_usage"), [(True, False), (False, True)])
+def test_usage_is_asked_for_only_of_providers_that_take_stream_options(
+    make_app: MakeApp,
+    auth: dict[str, str],
+    upstream: responses.RequestsMock,
+    capsys: pytest.CaptureFixture[str],
+    a_usage: bool,
+    b_usage: bool,
+) -> None:
+    # a fails, b answers: what b was sent, and what the client gets, follow b's setting.
+    app = build(make_app, a_usage=a_usage, b_usage=b_usage)
+    upstream.post(f"{A_URL}/chat/completions", status=500, body=b'{"error":"oops"}')
+    sent_by_b = expected_stream(3, model="qwen-plus-intl", usage=b_usage)
+    upstream.post(f"{B_URL}/chat/completions", body=sent_by_b, content_type="text/event-stream")
+    body = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+
+    response = app.test_client().post(CHAT, json=body, headers=auth)
+    relayed = response.get_data()
+    response.close()
+
+    to_a, to_b = (json.loads(call.request.body) for call in upstream.calls)
+    assert ("stream_options" in to_a) is a_usage
+    assert ("stream_options" in to_b) is b_usage
+    assert relayed == expected_stream(3, model="qwen-plus-intl")  # the usage chunk never shows
+    (access,) = [line for line in lines(capsys) if line.get("event") == "access"]
+    assert access.get("usage_estimated", False) is not b_usage
+
+
+def test_a_client_asking_for_usage_itself_still_gets_it_from_such_a_provider(
+    make_app: MakeApp, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    app = build(make_app, a_usage=False)
+    sent = expected_stream(2, model="qwen-plus", usage=True)
+    upstream.post(f"{A_URL}/chat/completions", body=sent, content_type="text/event-stream")
+    options = {"include_usage": True}
+    body = {"model": "qwen-plus", "messages": [], "stream": True, "stream_options": options}
+
+    response = app.test_client().post(CHAT, json=body, headers=auth)
+
+    assert json.loads(upstream.calls[0].request.body)["stream_options"] == options
+    assert response.get_data() == sent
