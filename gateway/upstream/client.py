@@ -65,6 +65,7 @@ class _Failed:
     exchange: Exchange | None = None
     body: Iterator[bytes] | None = None
     head: tuple[list[bytes], bool] | None = None
+    verdict: _Verdict | None = None  # given already: relaying the answer adds nothing
 
     def discard(self) -> None:
         if self.exchange is not None:
@@ -197,16 +198,28 @@ class UpstreamClient:
                     raise
                 exchange.release()
                 return _Failed(candidate, failure, error=error)
-            self._note(plan, slot, outcome, retry_after)
+            verdict = self._note(plan, slot, outcome, retry_after)
             if outcome == "provider_auth" and not self._may_fall_back(plan, outcome):
                 raise self._refused(candidate, record)  # never relayed: see _refused
             if outcome == "ok" or not self._may_fall_back(plan, outcome):
                 return self._answer(
-                    upstream, body, record, exchange, client=sent.client, head_read=head
+                    upstream,
+                    body,
+                    record,
+                    exchange,
+                    client=sent.client,
+                    head_read=head,
+                    verdict=verdict,
                 )
             slot.release()  # it has answered: the answer kept is no work in flight there
             return _Failed(
-                candidate, outcome, upstream=upstream, exchange=exchange, body=body, head=head
+                candidate,
+                outcome,
+                upstream=upstream,
+                exchange=exchange,
+                body=body,
+                head=head,
+                verdict=verdict,
             )
         except BaseException:
             exchange.release()
@@ -249,7 +262,7 @@ class UpstreamClient:
             raise self._refused(failed.candidate, record)
         # A Response is falsy when its status is an error: compare with None.
         assert failed.upstream is not None and failed.exchange is not None
-        assert failed.body is not None
+        assert failed.body is not None and failed.verdict is not None
         try:
             return self._answer(
                 failed.upstream,
@@ -258,6 +271,7 @@ class UpstreamClient:
                 failed.exchange,
                 client=client,
                 head_read=failed.head,
+                verdict=failed.verdict,
             )
         except BaseException:
             failed.exchange.release()
@@ -281,13 +295,15 @@ class UpstreamClient:
             code="provider_auth_failed",
         )
 
-    def _note(self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None) -> None:
-        key = slot.candidate.key
+    def _note(
+        self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None
+    ) -> _Verdict:
+        """Count the attempt; a failure is the router's at once, a success once relayed."""
         self.observer.attempted(slot.candidate.provider.name, plan.route, outcome)
-        if outcome == "ok":
-            self.router.succeeded(key, slot.started)
-        else:
-            self.router.failed(key, outcome, retry_after)
+        verdict = _Verdict(self.router, slot)
+        if outcome != "ok":
+            verdict.failed(outcome, retry_after)
+        return verdict
 
     def _fall_back(
         self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str
@@ -356,18 +372,33 @@ class UpstreamClient:
         exchange: Exchange,
         *,
         client: Client,
+        verdict: _Verdict,
         head_read: tuple[list[bytes], bool] | None = None,
     ) -> Response:
+        """The provider's answer relayed; `verdict` is told how the relaying went (a stream
+        broken mid-body is its deployment's failure too), unless it was given already."""
         headers = relayable_headers(upstream.headers, self.mask)
         status = upstream.status_code
-        fail = lambda exc: self._translate(exc, record, exchange, mid_body=True)  # noqa: E731
+
+        def fail(exc: Exception | None) -> GatewayError:
+            error = self._translate(exc, record, exchange, mid_body=True)
+            if error.status != 499:  # the provider's failure, not the client leaving
+                verdict.failed(record.upstream_error or "stream_broken")
+            return error
+
         if is_stream(upstream):
             headers.update(_STREAM_HEADERS)
             record.event_stream = True
             chunks = itertools.chain(head_read[0], body) if head_read else body
-            sse = SseRelay(exchange, chunks, record, Scrubber(self.mask), fail)
+            scrubber = Scrubber(self.mask)
+            sse = SseRelay(exchange, chunks, record, scrubber, fail, ended=verdict.succeeded)
             return Response(sse, status=status, headers=headers)
-        head, complete = head_read or self._read_head(body, record, exchange)
+        try:
+            head, complete = head_read or self._read_head(body, record, exchange)
+        except GatewayError as error:
+            if error.status != 499:
+                verdict.failed(record.upstream_error or "protocol")
+            raise
         if not complete:
             rest = BodyRelay(
                 exchange,
@@ -376,12 +407,14 @@ class UpstreamClient:
                 record=record,
                 scrubber=Scrubber(self.mask),
                 fail=fail,
+                ended=verdict.succeeded,
                 client=client,
                 count_usage=upstream.ok,
             )
             return Response(rest, status=status, headers=headers)
         content = self.mask.whole(b"".join(head))
         exchange.release()
+        verdict.succeeded()
         if upstream.ok:
             record.note_usage(content)
         return Response(content, status=status, headers=headers)
@@ -565,6 +598,27 @@ class Routed:
         return self.client.relay(
             self.plan, method, path, record, client_headers, body=body, query=query, client=client
         )
+
+
+class _Verdict:
+    """How one attempt's deployment did, told to the router once: a failure as soon as it
+    is known, a success only once the answer has been relayed whole (a stream that breaks
+    mid-body is a failure, never a success first and a failure after)."""
+
+    def __init__(self, router: Router, slot: Slot) -> None:
+        self._router = router
+        self._slot = slot
+        self._given = False
+
+    def succeeded(self) -> None:
+        if not self._given:
+            self._given = True
+            self._router.succeeded(self._slot.candidate.key, self._slot.started)
+
+    def failed(self, outcome: str, retry_after: float | None = None) -> None:
+        if not self._given:
+            self._given = True
+            self._router.failed(self._slot.candidate.key, outcome, retry_after)
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:

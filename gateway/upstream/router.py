@@ -15,7 +15,8 @@ The rules, in the order they apply:
   `rate_limited_cooldown`. A DashScope `Arrearage` or a provider refusing the gateway's
   key (401/403) cools every deployment of that provider: the account serves no one, and a
   credential rarely fixes itself. Any answer that is not a failure resets the count
-  (unless its request was sent before the last failure).
+  (unless its request was sent before the last failure); the client tells a stream's
+  verdict once it has ended, so one broken mid-body counts as one failure.
 - **Capacity.** A provider with `max_concurrent` requests in flight is skipped, as if it
   were cooling down, but without a penalty; the client answers 503 when all are full.
 

@@ -95,3 +95,22 @@ models:
     access = access_lines(gateway, 2)
     assert [line.get("usage_estimated", False) for line in access] == [True, False]
     assert access[0]["usage"]["completion_tokens"] > 0
+
+
+def test_streams_broken_mid_body_cool_their_deployment_down(
+    start_gateway: GatewayFactory, a: FakeUpstream, b: FakeUpstream
+) -> None:
+    routing = "routing:\n  failures_before_cooldown: 2\n  cooldown: 300\n"
+    gateway = start_gateway(config(a.url, b.url, extra=routing), **KEYS)
+    a.forced = {"die_after": 1}
+    body = {"model": "gpt-4o-mini", "stream": True, "fake": {"chunks": 3}}
+
+    broken = [chat(gateway, **body).content for _ in range(2)]
+    a.forced = {}
+    third = chat(gateway, **body)
+
+    assert all(b"tok0" in part and b'"error"' in part for part in broken)  # no retry
+    assert third.content == expected_stream(3, model="qwen-plus-intl")  # b, a cools down
+    assert len(a.requests) == 2
+    cooling = scrape(gateway, "gateway_deployment_cooldown")
+    assert cooling[frozenset({("provider", "a"), ("upstream_model", "qwen-plus")})] == 1

@@ -1,5 +1,5 @@
-"""What depends on the provider: its refusal of the gateway's key (401/403), and whether
-it takes `stream_options` (stream_usage)."""
+"""What depends on the provider: its refusal of the gateway's key (401/403), whether it
+takes `stream_options` (stream_usage), and streams it breaks after their first chunk."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flask import Flask
 
 from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy
 from tests.fake_upstream import expected_stream
-from tests.unit.support import MakeApp, assert_openai_error
+from tests.unit.support import MakeApp, ScriptedAnswer, assert_openai_error
 
 CHAT = "/v1/chat/completions"
 A_URL, B_URL = "http://provider-a.test/v1", "http://provider-b.test/v1"
@@ -183,3 +183,50 @@ def test_a_client_asking_for_usage_itself_still_gets_it_from_such_a_provider(
 
     assert json.loads(upstream.calls[0].request.body)["stream_options"] == options
     assert response.get_data() == sent
+
+
+FIRST = b'data: {"choices":[{"delta":{"content":"tok0"}}]}\n\n'
+
+
+def stream_once(app: Flask, auth: dict[str, str]) -> bytes:
+    body = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+    response = app.test_client().post(CHAT, json=body, headers=auth)
+    relayed = response.get_data()  # read to its end (or its break), then ended
+    response.close()
+    return relayed
+
+
+def test_streams_broken_after_their_first_chunk_cool_their_deployment_down(
+    make_app: MakeApp, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    app = build(make_app, failures_before_cooldown=2)
+    for _ in range(2):
+        upstream.add(ScriptedAnswer("POST", f"{A_URL}/chat/completions", [FIRST], OSError()))
+    upstream.add(ScriptedAnswer("POST", f"{B_URL}/chat/completions", [FIRST]))
+
+    broken = [stream_once(app, auth), stream_once(app, auth)]
+    third = stream_once(app, auth)
+
+    assert all(b.startswith(FIRST) and b'"error"' in b for b in broken)  # never retried
+    assert third == FIRST
+    urls = [c.request.url for c in upstream.calls]
+    assert urls == [f"{A_URL}/chat/completions"] * 2 + [f"{B_URL}/chat/completions"]
+    assert app.extensions["gateway.upstream"].router.cooling() == [("a", "qwen-plus")]
+
+
+def test_a_broken_stream_counts_once_and_a_finished_one_resets_the_count(
+    make_app: MakeApp, auth: dict[str, str], upstream: responses.RequestsMock
+) -> None:
+    app = build(make_app, failures_before_cooldown=2)
+    upstream.add(ScriptedAnswer("POST", f"{A_URL}/chat/completions", [FIRST], OSError()))
+    upstream.add(ScriptedAnswer("POST", f"{A_URL}/chat/completions", [FIRST]))
+    router = app.extensions["gateway.upstream"].router
+
+    assert b'"error"' in stream_once(app, auth)
+    after_break = (router._health[("a", "qwen-plus")].failures, router.cooling())
+    assert stream_once(app, auth) == FIRST
+
+    # Once, though the attempt was an "ok" at its first chunk and a failure at the break:
+    # counted twice, 2 failures in a row would have cooled it.
+    assert after_break == (1, [])
+    assert router._health[("a", "qwen-plus")].failures == 0  # a stream that ended well
