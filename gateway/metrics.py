@@ -85,7 +85,7 @@ class GatewayMetrics:
         self.attempts = Counter(
             "gateway_upstream_attempts",
             "Requests sent to a provider, by outcome (ok, connect, timeout, rate_limited, "
-            "server_error, arrearage)",
+            "server_error, arrearage, provider_auth, stream_broken)",
             ["provider", "model", "outcome"],
             registry=r,
         )

@@ -84,6 +84,9 @@ class Provider(_Frozen):
     connect_timeout: Seconds | None = None
     read_timeout: Seconds | None = None
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    # Whether a stream may be sent `stream_options.include_usage` the client did not ask
+    # for: some OpenAI-compatible servers refuse the field. Off, its usage is estimated.
+    stream_usage: bool = True
     # HTTP(S) proxy for this provider, resolved from HTTPS_PROXY/NO_PROXY at load.
     proxies: Mapping[str, str] = Field(default_factory=dict, repr=False)
 

@@ -103,12 +103,18 @@ class _AnswerRelay:
     first byte) always ends the exchange, and the provider stops generating at once."""
 
     def __init__(
-        self, exchange: Exchange, record: RequestRecord, scrubber: Scrubber, fail: Fail
+        self,
+        exchange: Exchange,
+        record: RequestRecord,
+        scrubber: Scrubber,
+        fail: Fail,
+        ended: Callable[[], None],
     ) -> None:
         self._exchange = exchange
         self._record = record
         self._scrubber = scrubber
         self._fail = fail
+        self._ended = ended  # told when the provider's whole answer has been relayed
         self._finished = False
 
     def close(self) -> None:
@@ -127,8 +133,10 @@ class SseRelay(_AnswerRelay):
         record: RequestRecord,
         scrubber: Scrubber,
         fail: Fail,
+        *,
+        ended: Callable[[], None],
     ) -> None:
-        super().__init__(exchange, record, scrubber, fail)
+        super().__init__(exchange, record, scrubber, fail, ended)
         self._chunks = chunks
 
     def __iter__(self) -> Iterator[bytes]:
@@ -158,6 +166,7 @@ class SseRelay(_AnswerRelay):
             return
         if held := self._held(ours):
             yield held
+        self._ended()
         self._finished = True
 
     def _held(self, ours: UsageChunks) -> bytes:
@@ -182,10 +191,11 @@ class BodyRelay(_AnswerRelay):
         record: RequestRecord,
         scrubber: Scrubber,
         fail: Fail,
+        ended: Callable[[], None],
         client: Client,
         count_usage: bool,
     ) -> None:
-        super().__init__(exchange, record, scrubber, fail)
+        super().__init__(exchange, record, scrubber, fail, ended)
         self._pieces = itertools.chain(head, rest)
         self._client = client
         self._count_usage = count_usage
@@ -208,6 +218,7 @@ class BodyRelay(_AnswerRelay):
             yield held
         if self._count_usage:
             self._record.note_usage(tail)
+        self._ended()
         self._finished = True
 
     def _cut(self, exc: Exception | None) -> None:

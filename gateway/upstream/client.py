@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import requests
@@ -25,6 +24,7 @@ from gateway.config import Settings
 from gateway.disconnects import CLIENT_GONE, DEADLINE, DisconnectWatcher
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
+from gateway.upstream.attempts import Attempts, Verdict
 from gateway.upstream.bodies import (
     HEAD_BYTES,
     READ_ERRORS,
@@ -32,42 +32,20 @@ from gateway.upstream.bodies import (
     BodyRelay,
     Client,
     SseRelay,
-    pieces,
 )
 from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
 from gateway.upstream.headers import forwarded, relayable_headers, upstream_request_id
 from gateway.upstream.providers import (
-    FALLBACK_SETTING,
     AttemptObserver,
     NoObserver,
     Target,
-    body_for,
-    in_arrears,
     is_stream,
-    retry_after,
 )
-from gateway.upstream.router import Candidate, Plan, Router, Slot
+from gateway.upstream.router import Plan, Router
 from gateway.upstream.scrub import Scrubber, SecretMask
 
 NO_CLIENT = Client()  # the Flask test client and dev server hand over no socket
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class _Failed:
-    """An attempt that may fall back: its answer kept until the next attempt can start."""
-
-    candidate: Candidate
-    outcome: str
-    error: GatewayError | None = None  # the gateway's own 502/504, if nothing was answered
-    upstream: requests.Response | None = None
-    exchange: Exchange | None = None
-    body: Iterator[bytes] | None = None
-    head: tuple[list[bytes], bool] | None = None
-
-    def discard(self) -> None:
-        if self.exchange is not None:
-            self.exchange.release()  # closes an unread body: its connection is not reused
 
 
 class UpstreamClient:
@@ -97,6 +75,7 @@ class UpstreamClient:
             pool_block=False,
         )
         self.disconnects = DisconnectWatcher()
+        self.attempts = Attempts(self)
 
     def close(self) -> None:
         self.adapter.close()
@@ -114,168 +93,12 @@ class UpstreamClient:
         query: bytes = b"",
         client: Client = NO_CLIENT,
     ) -> Response:
-        """Send one request to the plan's deployments in turn, until one answers.
-
-        A deployment that cannot be reached, times out before its headers, answers 429 or
-        5xx (or DashScope's `Arrearage`) is followed by the next, at most `max_attempts`
-        in all and none started after `deadline`: all of it before the client has been
-        sent a byte. The last attempt's answer is relayed as the provider sent it.
-        """
-        headers = self._headers_for(client_headers, record)
-        # A non-streamed answer has an overall deadline: a provider dripping it byte by
-        # byte would never trip the read timeout. A stream may take as long as it streams.
-        deadline = None if record.stream else time.monotonic() + self.total_timeout
-        policy = plan.policy
-        failed: _Failed | None = None
-        tried = 0
-        for candidate in plan.candidates:
-            if tried >= policy.max_attempts or (tried and record.elapsed() >= policy.deadline):
-                break
-            slot = self.router.acquire(candidate)
-            if slot is None:  # its provider has max_concurrent requests in flight
-                self._fall_back(plan, record, candidate, "capacity")
-                continue
-            if failed is not None:
-                failed.discard()
-                self._fall_back(plan, record, failed.candidate, failed.outcome)
-            tried += 1
-            sent = _Sent(method, path, query, headers, body, deadline, client)
-            result = self._attempt(plan, candidate, slot, sent, record)
-            if isinstance(result, Response):
-                return result
-            failed = result
-        if failed is None:
-            raise GatewayError(
-                503,
-                f"Every provider of '{plan.model[:100]}' is at its concurrency limit; retry.",
-                code="capacity_exceeded",
-            )
-        return self._relay_failure(failed, record, client)
-
-    def _attempt(
-        self, plan: Plan, candidate: Candidate, slot: Slot, sent: _Sent, record: RequestRecord
-    ) -> Response | _Failed:
-        """One deployment tried: its answer, or what failed if another may be tried."""
-        provider = candidate.provider.name
-        target = self.targets[provider]
-        record.provider, record.upstream_model = provider, candidate.upstream_model
-        record.upstream_error = record.upstream_status = record.upstream_request_id = None
-        prepared = self._prepare(
-            sent.method,
-            target.base_url + sent.path_and_query,
-            {**sent.headers, **target.headers},
-            body_for(
-                candidate,
-                sent.path,
-                sent.body,
-                stream=record.stream,
-                include_usage=record.inject_usage,
-            ),
-        )
-        exchange = Exchange()
-        # gunicorn hands the client's socket to the app: watched from before the request is
-        # sent, so a client that leaves (or left while queued) stops the provider's work.
-        unwatch = self.disconnects.watch(sent.client.socket, exchange.end, sent.deadline)
-        exchange.unwatch = _both(unwatch, slot.release)
-        try:
-            try:
-                upstream = self._send(prepared, record, exchange, target)
-                body = pieces(upstream, self.max_body)
-                outcome, retry_after, head = self._judge(
-                    upstream, body, candidate, record, exchange
-                )
-            except GatewayError as error:
-                failure = record.upstream_error
-                if exchange.ended_by is not None or failure is None:
-                    raise  # the client left, the deadline passed, or the request is invalid
-                self._note(plan, slot, failure)  # a redirect or garbage counts too
-                if not self._may_fall_back(plan, failure):
-                    raise
-                exchange.release()
-                return _Failed(candidate, failure, error=error)
-            self._note(plan, slot, outcome, retry_after)
-            if outcome == "ok" or not self._may_fall_back(plan, outcome):
-                return self._answer(
-                    upstream, body, record, exchange, client=sent.client, head_read=head
-                )
-            slot.release()  # it has answered: the answer kept is no work in flight there
-            return _Failed(
-                candidate, outcome, upstream=upstream, exchange=exchange, body=body, head=head
-            )
-        except BaseException:
-            exchange.release()
-            raise
-
-    def _judge(
-        self,
-        upstream: requests.Response,
-        body: Iterator[bytes],
-        candidate: Candidate,
-        record: RequestRecord,
-        exchange: Exchange,
-    ) -> tuple[str, float | None, tuple[list[bytes], bool] | None]:
-        """Whether the provider's answer is its failure: (outcome, Retry-After, body read).
-
-        A stream's first piece is read here: a stream that breaks (or ends) before it has
-        sent anything is a failure the next deployment can still make good, because the
-        client has not been sent a byte yet (a GatewayError, as for a failed connection).
-        """
-        status = upstream.status_code
-        if upstream.ok and is_stream(upstream):
-            return "ok", None, self._first_piece(body, record, exchange)
-        if status == 429:
-            return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
-        if status >= 500:
-            return "server_error", None, None
-        if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
-            head = self._read_head(body, record, exchange)
-            if head[1] and in_arrears(b"".join(head[0])):
-                return "arrearage", None, head
-            return "ok", None, head
-        return "ok", None, None
-
-    def _relay_failure(self, failed: _Failed, record: RequestRecord, client: Client) -> Response:
-        """The last attempt failed: its answer as the provider sent it, or the gateway's error."""
-        if failed.error is not None:
-            raise failed.error
-        # A Response is falsy when its status is an error: compare with None.
-        assert failed.upstream is not None and failed.exchange is not None
-        assert failed.body is not None
-        try:
-            return self._answer(
-                failed.upstream,
-                failed.body,
-                record,
-                failed.exchange,
-                client=client,
-                head_read=failed.head,
-            )
-        except BaseException:
-            failed.exchange.release()
-            raise
-
-    def _note(self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None) -> None:
-        key = slot.candidate.key
-        self.observer.attempted(slot.candidate.provider.name, plan.route, outcome)
-        if outcome == "ok":
-            self.router.succeeded(key, slot.started)
-        else:
-            self.router.failed(key, outcome, retry_after)
-
-    def _fall_back(
-        self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str
-    ) -> None:
-        record.attempts.append(f"{candidate.provider.name}: {reason}")
-        self.observer.fell_back(candidate.provider.name, plan.route, reason)
-        logger.bind(provider=candidate.provider.name, reason=reason).info(
-            "falling back from {} ({})", candidate.provider.name, reason
+        """Send one request to the plan's deployments in turn, until one answers (attempts)."""
+        return self.attempts.relay(
+            plan, method, path, record, client_headers, body=body, query=query, client=client
         )
 
-    @staticmethod
-    def _may_fall_back(plan: Plan, outcome: str) -> bool:
-        return FALLBACK_SETTING.get(outcome) in plan.policy.fallback_on
-
-    def _send(
+    def send(
         self,
         prepared: requests.PreparedRequest,
         record: RequestRecord,
@@ -321,7 +144,7 @@ class UpstreamClient:
             )
         return upstream
 
-    def _answer(
+    def answer(
         self,
         upstream: requests.Response,
         body: Iterator[bytes],
@@ -329,18 +152,33 @@ class UpstreamClient:
         exchange: Exchange,
         *,
         client: Client,
+        verdict: Verdict,
         head_read: tuple[list[bytes], bool] | None = None,
     ) -> Response:
+        """The provider's answer relayed; `verdict` is told how the relaying went (a stream
+        broken mid-body is its deployment's failure too), unless it was given already."""
         headers = relayable_headers(upstream.headers, self.mask)
         status = upstream.status_code
-        fail = lambda exc: self._translate(exc, record, exchange, mid_body=True)  # noqa: E731
+
+        def fail(exc: Exception | None) -> GatewayError:
+            error = self._translate(exc, record, exchange, mid_body=True)
+            if error.status != 499:  # the provider's failure, not the client leaving
+                verdict.failed(record.upstream_error or "stream_broken")
+            return error
+
         if is_stream(upstream):
             headers.update(_STREAM_HEADERS)
             record.event_stream = True
             chunks = itertools.chain(head_read[0], body) if head_read else body
-            sse = SseRelay(exchange, chunks, record, Scrubber(self.mask), fail)
+            scrubber = Scrubber(self.mask)
+            sse = SseRelay(exchange, chunks, record, scrubber, fail, ended=verdict.succeeded)
             return Response(sse, status=status, headers=headers)
-        head, complete = head_read or self._read_head(body, record, exchange)
+        try:
+            head, complete = head_read or self.read_head(body, record, exchange)
+        except GatewayError as error:
+            if error.status != 499:
+                verdict.failed(record.upstream_error or "protocol")
+            raise
         if not complete:
             rest = BodyRelay(
                 exchange,
@@ -349,17 +187,19 @@ class UpstreamClient:
                 record=record,
                 scrubber=Scrubber(self.mask),
                 fail=fail,
+                ended=verdict.succeeded,
                 client=client,
                 count_usage=upstream.ok,
             )
             return Response(rest, status=status, headers=headers)
         content = self.mask.whole(b"".join(head))
         exchange.release()
+        verdict.succeeded()
         if upstream.ok:
             record.note_usage(content)
         return Response(content, status=status, headers=headers)
 
-    def _first_piece(
+    def first_piece(
         self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange
     ) -> tuple[list[bytes], bool]:
         try:
@@ -373,7 +213,7 @@ class UpstreamClient:
             raise GatewayError(502, "The upstream ended the stream before sending anything.")
         return [first], False
 
-    def _read_head(
+    def read_head(
         self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange
     ) -> tuple[list[bytes], bool]:
         """A short answer read whole (True), or the first HEAD_BYTES of a long one (False)."""
@@ -392,7 +232,7 @@ class UpstreamClient:
         return head, True
 
     @staticmethod
-    def _prepare(
+    def prepare(
         method: str, url: str, headers: dict[str, str], body: bytes | None
     ) -> requests.PreparedRequest:
         # Built directly rather than with PreparedRequest.prepare(): the base URL was
@@ -407,7 +247,7 @@ class UpstreamClient:
         prepared.body = body
         return prepared
 
-    def _headers_for(
+    def headers_for(
         self, client_headers: Mapping[str, str] | Headers, record: RequestRecord
     ) -> dict[str, str]:
         # The provider's Authorization (and extra headers) are added per attempt: each
@@ -497,25 +337,6 @@ def _protocol_error(exc: Exception) -> bool:
 
 
 @dataclass(frozen=True)
-class _Sent:
-    """What every attempt of one request sends (the body before its per-provider edits)."""
-
-    method: str
-    path: str
-    query: bytes
-    headers: dict[str, str]
-    body: bytes | None
-    deadline: float | None
-    client: Client
-
-    @property
-    def path_and_query(self) -> str:
-        if not self.query:
-            return self.path
-        return f"{self.path}?{self.query.decode('latin-1')}"  # as sent, still percent-encoded
-
-
-@dataclass(frozen=True)
 class Routed:
     """A request's plan, bound to the client that carries it out."""
 
@@ -536,14 +357,6 @@ class Routed:
         return self.client.relay(
             self.plan, method, path, record, client_headers, body=body, query=query, client=client
         )
-
-
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
-    def both() -> None:
-        first()
-        second()
-
-    return both
 
 
 def upstream_for(model: str | None) -> Routed:

@@ -22,13 +22,15 @@ from gateway.upstream.router import Candidate
 DASHSCOPE_CHAT_DEFAULTS = {"enable_thinking": False}
 # A failed attempt's outcome (gateway_upstream_attempts_total{outcome},
 # gateway_fallbacks_total{reason}) and the routing.fallback_on value that lets it fall back.
-# An account in arrears serves nobody: it falls back as a 5xx does.
+# An account in arrears serves nobody, and a provider refusing the gateway's own key (401,
+# 403) serves nobody either: both fall back as a 5xx does.
 FALLBACK_SETTING = {
     "connect": "connect",
     "timeout": "timeout",
     "rate_limited": "429",
     "server_error": "5xx",
     "arrearage": "5xx",
+    "provider_auth": "5xx",
     # A stream that broke (or ended) before its first piece: nothing reached the client.
     "stream_broken": "5xx",
 }
@@ -95,6 +97,15 @@ def normalized_url(url: str) -> str:
 
 def is_stream(upstream: requests.Response) -> bool:
     return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+def status_failure(status: int) -> str | None:
+    """The outcome a provider's status is, when it is the provider's failure (not 429)."""
+    if status in (401, 403):  # the gateway's own key for this provider, not the client's
+        return "provider_auth"
+    if status >= 500:
+        return "server_error"
+    return None
 
 
 def retry_after(value: str | None) -> float | None:

@@ -12,9 +12,11 @@ The rules, in the order they apply:
   refused with nothing tried, and a provider that is down gets one request, not a burst.
 - **Cooldown.** A deployment is skipped for `cooldown` after `failures_before_cooldown`
   failures in a row; after a 429 for its `Retry-After` (at most `max_cooldown`), else
-  `rate_limited_cooldown`. A DashScope `Arrearage` cools every deployment of that
-  provider: the account serves no one. Any answer that is not a failure resets the count
-  (unless its request was sent before the last failure).
+  `rate_limited_cooldown`. A DashScope `Arrearage` or a provider refusing the gateway's
+  key (401/403) cools every deployment of that provider: the account serves no one, and a
+  credential rarely fixes itself. Any answer that is not a failure resets the count
+  (unless its request was sent before the last failure); the client tells a stream's
+  verdict once it has ended, so one broken mid-body counts as one failure.
 - **Capacity.** A provider with `max_concurrent` requests in flight is skipped, as if it
   were cooling down, but without a penalty; the client answers 503 when all are full.
 
@@ -37,6 +39,8 @@ from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy, Sett
 # (provider name, provider model or the route's pattern): one deployment's state and labels.
 DeploymentKey = tuple[str, str]
 OnCooldown = Callable[[DeploymentKey, bool], None]
+# Failures that say the provider serves no one with this account: all its deployments cool.
+_WHOLE_PROVIDER = frozenset({"arrearage", "provider_auth"})
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,11 @@ class Router:
             self._refresh(self._clock())
 
     def failed(self, key: DeploymentKey, outcome: str, retry_after: float | None = None) -> None:
-        """Count a failure; `outcome` is rate_limited, arrearage or any other failure."""
+        """Count a failure; `outcome` is rate_limited, arrearage, provider_auth or another."""
         policy = self.policy
         with self._lock:
             now = self._clock()
-            if outcome == "arrearage":
+            if outcome in _WHOLE_PROVIDER:
                 same_provider = [k for k in self.keys if k[0] == key[0]]
                 self._cool(same_provider, now, policy.cooldown)
                 return

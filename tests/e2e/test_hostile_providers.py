@@ -99,9 +99,9 @@ def test_the_provider_key_echoed_back_is_masked_everywhere(
     def answer(request: RawRequest, conn: socket.socket) -> bool:
         assert request.headers["authorization"] == echoed
         kind = marker_of(request)
-        if kind == "error":
-            body = orjson.dumps({"error": {"message": f"Invalid key {echoed}", "code": 401}})
-            conn.sendall(json_answer(body, "401 Unauthorized", f"X-Debug-Auth: {echoed}\r\n"))
+        if kind == "error":  # an error body relayed as it is (a 401 is the gateway's 502)
+            body = orjson.dumps({"error": {"message": f"Bad request {echoed}", "code": 400}})
+            conn.sendall(json_answer(body, "400 Bad Request", f"X-Debug-Auth: {echoed}\r\n"))
         elif kind == "stream":
             # The key split across two SSE chunks, then whole in a third.
             half = len(UPSTREAM_KEY) // 2
@@ -135,7 +135,7 @@ def test_the_provider_key_echoed_back_is_masked_everywhere(
         seen = response.content + str(response.headers).encode()
         assert secret not in seen
         assert secret[-4:] in seen  # masked as sk-...abcd, so the operator can tell which key
-    assert error.status_code == 401
+    assert error.status_code == 400
     assert "sk-..." in error.json()["error"]["message"]
     assert stream.content.count(b"sk-...") == 2
     assert len(long.json()["filler"]) == 600 * 1024

@@ -155,6 +155,10 @@ def test_a_file_with_only_keys_keeps_the_environments_provider(tmp_path: Path) -
             "models.m.0.weight",
         ),
         ("routing:\n  strategy: random\n", "routing.strategy"),
+        (
+            "providers:\n  x:\n    base_url: http://a\n    stream_usage: sometimes\n",
+            "providers.x.stream_usage: Input should be a valid boolean",
+        ),
         ("keys:\n  - name: a\n    key: plain-secret-key\n", "keys.0: key must be sha256:"),
         ("keys:\n  - name: a b\n    key_env: TEAM_A_KEY\n", "keys.0.name: letters"),
         ("keys:\n  - name: a\n", "keys.0: give exactly one of key_env"),
@@ -243,3 +247,17 @@ def test_an_empty_variable_is_refused_like_an_unset_one(tmp_path: Path) -> None:
     found = refusal(tmp_path, text, INTL_KEY="")
 
     assert "providers.intl.api_key: ${INTL_KEY} is not set in the environment" in found
+
+
+def test_stream_usage_is_on_unless_a_provider_turns_it_off(tmp_path: Path) -> None:
+    text = (
+        "providers:\n  plain:\n    base_url: http://a\n"
+        "  strict:\n    base_url: http://b\n    stream_usage: false\n"
+    )
+
+    settings = load(tmp_path, text, TARGET_API_KEY=UPSTREAM_KEY)
+
+    assert [(p.name, p.stream_usage) for p in settings.providers] == [
+        ("plain", True),
+        ("strict", False),
+    ]

@@ -141,7 +141,8 @@ def test_compressed_upstream_body_is_relayed_decoded(
     assert "gzip" in upstream.calls[0].request.headers["Accept-Encoding"]
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
+# 401/403 are the gateway's own key refused: test_provider_failures.
+@pytest.mark.parametrize("status", [400, 404, 422, 429, 500, 503])
 def test_upstream_errors_are_relayed_untouched(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock, status: int
 ) -> None:
@@ -285,11 +286,11 @@ def test_an_echoed_provider_key_is_masked_in_a_relayed_error(
     client: FlaskClient, auth: dict[str, str], upstream: responses.RequestsMock
 ) -> None:
     echo = f'{{"error": {{"message": "Invalid key Bearer {UPSTREAM_KEY}"}}}}'
-    upstream.post(UPSTREAM_CHAT, status=401, body=echo, content_type="application/json")
+    upstream.post(UPSTREAM_CHAT, status=400, body=echo, content_type="application/json")
 
     response = client.post(CHAT, json={"model": "qwen-plus"}, headers=auth)
 
-    assert response.status_code == 401
+    assert response.status_code == 400
     assert UPSTREAM_KEY.encode() not in response.data
     assert response.json["error"]["message"] == "Invalid key Bearer sk-...5f4e"
 

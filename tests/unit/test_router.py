@@ -282,6 +282,16 @@ def test_arrearage_cools_every_deployment_of_that_provider() -> None:
     assert order(router, "m") == ["intl"]
 
 
+def test_a_refused_key_cools_every_deployment_of_that_provider() -> None:
+    routes = {"m": [d("cn", "qwen-plus"), d("intl", "qwen-plus")], "n": [d("cn", "qwen-max")]}
+    router = Router(settings(routes, cooldown=30), clock=Clock())
+
+    router.failed(("cn", "qwen-plus"), "provider_auth")  # once is enough
+
+    assert sorted(router.cooling()) == [("cn", "qwen-max"), ("cn", "qwen-plus")]
+    assert order(router, "m") == ["intl"]
+
+
 def test_when_all_are_cooling_the_least_recently_failed_is_tried_alone() -> None:
     clock = Clock()
     routes = {"m": [d("a"), d("b"), d("c")]}

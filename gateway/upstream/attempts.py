@@ -1,0 +1,327 @@
+"""Trying a plan's deployments in turn, until one answers: the attempt and fallback loop.
+
+Each attempt is one exchange with one provider (`UpstreamClient.send` and `.answer`); here
+is what its outcome means: fall back (connect, timeout, 429, 5xx, Arrearage, 401/403, a
+stream ended before its first chunk), the router told how the deployment did, the access
+line's `attempts`, and what the client gets when the last attempt fails too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import requests
+from flask import Response
+from loguru import logger
+from werkzeug.datastructures import Headers
+
+from gateway.errors import GatewayError
+from gateway.record import RequestRecord
+from gateway.upstream.bodies import Client, pieces
+from gateway.upstream.connection import Exchange
+from gateway.upstream.providers import (
+    FALLBACK_SETTING,
+    body_for,
+    in_arrears,
+    is_stream,
+    retry_after,
+    status_failure,
+)
+from gateway.upstream.router import Candidate, Plan, Router, Slot
+
+if TYPE_CHECKING:
+    from gateway.upstream.client import UpstreamClient
+
+
+@dataclass
+class _Failed:
+    """An attempt that may fall back: its answer kept until the next attempt can start."""
+
+    candidate: Candidate
+    outcome: str
+    error: GatewayError | None = None  # the gateway's own 502/504, if nothing was answered
+    upstream: requests.Response | None = None
+    exchange: Exchange | None = None
+    body: Iterator[bytes] | None = None
+    head: tuple[list[bytes], bool] | None = None
+    verdict: Verdict | None = None  # given already: relaying the answer adds nothing
+
+    def discard(self) -> None:
+        if self.exchange is not None:
+            self.exchange.release()  # closes an unread body: its connection is not reused
+
+
+class Attempts:
+    """The loop of one client: its exchanges, its router and its observer."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self.client = client
+        self.router = client.router
+        self.observer = client.observer
+
+    def relay(
+        self,
+        plan: Plan,
+        method: str,
+        path: str,
+        record: RequestRecord,
+        client_headers: Mapping[str, str] | Headers,
+        *,
+        body: bytes | None,
+        query: bytes,
+        client: Client,
+    ) -> Response:
+        """Send one request to the plan's deployments in turn, until one answers.
+
+        A deployment that cannot be reached, times out before its headers, answers 429 or
+        5xx (or DashScope's `Arrearage`, or 401/403) is followed by the next, at most `max_attempts`
+        in all and none started after `deadline`: all of it before the client has been
+        sent a byte. The last attempt's answer is relayed as the provider sent it.
+        """
+        headers = self.client.headers_for(client_headers, record)
+        # A non-streamed answer has an overall deadline: a provider dripping it byte by
+        # byte would never trip the read timeout. A stream may take as long as it streams.
+        deadline = None if record.stream else time.monotonic() + self.client.total_timeout
+        policy = plan.policy
+        inject_usage = record.inject_usage  # wished for the request; each attempt decides
+        failed: _Failed | None = None
+        tried = 0
+        for candidate in plan.candidates:
+            if tried >= policy.max_attempts or (tried and record.elapsed() >= policy.deadline):
+                break
+            slot = self.router.acquire(candidate)
+            if slot is None:  # its provider has max_concurrent requests in flight
+                self._fall_back(plan, record, candidate, "capacity")
+                continue
+            if failed is not None:
+                failed.discard()
+                self._fall_back(plan, record, failed.candidate, failed.outcome)
+            tried += 1
+            sent = _Sent(method, path, query, headers, body, deadline, client, inject_usage)
+            result = self._attempt(plan, candidate, slot, sent, record)
+            if isinstance(result, Response):
+                return result
+            failed = result
+        if failed is None:
+            raise GatewayError(
+                503,
+                f"Every provider of '{plan.model[:100]}' is at its concurrency limit; retry.",
+                code="capacity_exceeded",
+            )
+        return self._relay_failure(failed, record, client)
+
+    def _attempt(
+        self, plan: Plan, candidate: Candidate, slot: Slot, sent: _Sent, record: RequestRecord
+    ) -> Response | _Failed:
+        """One deployment tried: its answer, or what failed if another may be tried."""
+        provider = candidate.provider.name
+        target = self.client.targets[provider]
+        record.provider, record.upstream_model = provider, candidate.upstream_model
+        record.upstream_error = record.upstream_status = record.upstream_request_id = None
+        # What this attempt asks: the relay strips the usage chunk only when it was asked.
+        record.inject_usage = sent.inject_usage and candidate.provider.stream_usage
+        prepared = self.client.prepare(
+            sent.method,
+            target.base_url + sent.path_and_query,
+            {**sent.headers, **target.headers},
+            body_for(
+                candidate,
+                sent.path,
+                sent.body,
+                stream=record.stream,
+                include_usage=record.inject_usage,
+            ),
+        )
+        exchange = Exchange()
+        # gunicorn hands the client's socket to the app: watched from before the request is
+        # sent, so a client that leaves (or left while queued) stops the provider's work.
+        unwatch = self.client.disconnects.watch(sent.client.socket, exchange.end, sent.deadline)
+        exchange.unwatch = _both(unwatch, slot.release)
+        try:
+            try:
+                upstream = self.client.send(prepared, record, exchange, target)
+                body = pieces(upstream, self.client.max_body)
+                outcome, retry_after, head = self._judge(
+                    upstream, body, candidate, record, exchange
+                )
+            except GatewayError as error:
+                failure = record.upstream_error
+                if exchange.ended_by is not None or failure is None:
+                    raise  # the client left, the deadline passed, or the request is invalid
+                self._note(plan, slot, failure)  # a redirect or garbage counts too
+                if not self._may_fall_back(plan, failure):
+                    raise
+                exchange.release()
+                return _Failed(candidate, failure, error=error)
+            verdict = self._note(plan, slot, outcome, retry_after)
+            if outcome == "provider_auth" and not self._may_fall_back(plan, outcome):
+                raise self._refused(candidate, record)  # never relayed: see _refused
+            if outcome == "ok" or not self._may_fall_back(plan, outcome):
+                return self.client.answer(
+                    upstream,
+                    body,
+                    record,
+                    exchange,
+                    client=sent.client,
+                    head_read=head,
+                    verdict=verdict,
+                )
+            slot.release()  # it has answered: the answer kept is no work in flight there
+            return _Failed(
+                candidate,
+                outcome,
+                upstream=upstream,
+                exchange=exchange,
+                body=body,
+                head=head,
+                verdict=verdict,
+            )
+        except BaseException:
+            exchange.release()
+            raise
+
+    def _judge(
+        self,
+        upstream: requests.Response,
+        body: Iterator[bytes],
+        candidate: Candidate,
+        record: RequestRecord,
+        exchange: Exchange,
+    ) -> tuple[str, float | None, tuple[list[bytes], bool] | None]:
+        """Whether the provider's answer is its failure: (outcome, Retry-After, body read).
+
+        A stream's first piece is read here: a stream that breaks (or ends) before it has
+        sent anything is a failure the next deployment can still make good, because the
+        client has not been sent a byte yet (a GatewayError, as for a failed connection).
+        """
+        status = upstream.status_code
+        if upstream.ok and is_stream(upstream):
+            return "ok", None, self.client.first_piece(body, record, exchange)
+        if status == 429:
+            return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
+        if (failure := status_failure(status)) is not None:
+            return failure, None, None
+        if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
+            head = self.client.read_head(body, record, exchange)
+            if head[1] and in_arrears(b"".join(head[0])):
+                return "arrearage", None, head
+            return "ok", None, head
+        return "ok", None, None
+
+    def _relay_failure(self, failed: _Failed, record: RequestRecord, client: Client) -> Response:
+        """The last attempt failed: its answer as the provider sent it, or the gateway's error."""
+        if failed.error is not None:
+            raise failed.error
+        if failed.outcome == "provider_auth":
+            failed.discard()
+            raise self._refused(failed.candidate, record)
+        # A Response is falsy when its status is an error: compare with None.
+        assert failed.upstream is not None and failed.exchange is not None
+        assert failed.body is not None and failed.verdict is not None
+        try:
+            return self.client.answer(
+                failed.upstream,
+                failed.body,
+                record,
+                failed.exchange,
+                client=client,
+                head_read=failed.head,
+                verdict=failed.verdict,
+            )
+        except BaseException:
+            failed.exchange.release()
+            raise
+
+    @staticmethod
+    def _refused(candidate: Candidate, record: RequestRecord) -> GatewayError:
+        """A provider's 401/403 is about the gateway's key for it, not the client's: relayed,
+        the client's SDK would report its own key as wrong. The provider is named, no key."""
+        name = candidate.provider.name
+        record.upstream_error = "provider_auth"
+        logger.bind(provider=name, upstream_status=record.upstream_status).error(
+            "provider {} refused the gateway's credentials (HTTP {}): check its key",
+            name,
+            record.upstream_status,
+        )
+        return GatewayError(
+            502,
+            f"The provider '{name}' refused the gateway's credentials for it; "
+            "this is the gateway's configuration, not your API key.",
+            code="provider_auth_failed",
+        )
+
+    def _note(
+        self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None
+    ) -> Verdict:
+        """Count the attempt; a failure is the router's at once, a success once relayed."""
+        self.observer.attempted(slot.candidate.provider.name, plan.route, outcome)
+        verdict = Verdict(self.router, slot)
+        if outcome != "ok":
+            verdict.failed(outcome, retry_after)
+        return verdict
+
+    def _fall_back(
+        self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str
+    ) -> None:
+        record.attempts.append(f"{candidate.provider.name}: {reason}")
+        self.observer.fell_back(candidate.provider.name, plan.route, reason)
+        logger.bind(provider=candidate.provider.name, reason=reason).info(
+            "falling back from {} ({})", candidate.provider.name, reason
+        )
+
+    @staticmethod
+    def _may_fall_back(plan: Plan, outcome: str) -> bool:
+        return FALLBACK_SETTING.get(outcome) in plan.policy.fallback_on
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What every attempt of one request sends (the body before its per-provider edits)."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: dict[str, str]
+    body: bytes | None
+    deadline: float | None
+    client: Client
+    # Usage is to be asked for (the client did not), where the provider takes stream_options.
+    inject_usage: bool
+
+    @property
+    def path_and_query(self) -> str:
+        if not self.query:
+            return self.path
+        return f"{self.path}?{self.query.decode('latin-1')}"  # as sent, still percent-encoded
+
+
+class Verdict:
+    """How one attempt's deployment did, told to the router once: a failure as soon as it
+    is known, a success only once the answer has been relayed whole (a stream that breaks
+    mid-body is a failure, never a success first and a failure after)."""
+
+    def __init__(self, router: Router, slot: Slot) -> None:
+        self._router = router
+        self._slot = slot
+        self._given = False
+
+    def succeeded(self) -> None:
+        if not self._given:
+            self._given = True
+            self._router.succeeded(self._slot.candidate.key, self._slot.started)
+
+    def failed(self, outcome: str, retry_after: float | None = None) -> None:
+        if not self._given:
+            self._given = True
+            self._router.failed(self._slot.candidate.key, outcome, retry_after)
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
