@@ -22,9 +22,13 @@ def cluster_url(tmp_path: Path) -> Iterator[str]:
     if server is None:
         pytest.fail("redis-server is not installed: run the suite with `make test`")
     port = free_port()
+    # The cluster bus port defaults to port + 10000, past 65535 for a high free port (redis
+    # then exits 1): name a free one of its own.
+    bus_port = free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")],
+         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
+         "--cluster-port", str(bus_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
