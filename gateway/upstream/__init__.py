@@ -2,8 +2,8 @@
 
 - `client.py`: `UpstreamClient` (one exchange: send, map failures, build the client's
   response) and `upstream_for`, the one place that picks the upstream for a request;
-- `attempts.py`: `UpstreamClient.relay`'s loop over a plan's deployments (fallback, the
-  router told how each did, what the client gets when all fail);
+- `attempts.py`: what `upstream_for(model).relay(...)` runs: a plan's deployments in turn
+  (fallback, the router told how each did, what the client gets when all fail);
 - `connection.py`: the pooled adapter and its connections (1xx never taken for the
   answer) and the `Exchange` that another thread can end;
 - `bodies.py`: answer bodies relayed as they arrive, bounded and masked;

@@ -81,23 +81,6 @@ class UpstreamClient:
         self.adapter.close()
         self.disconnects.close()
 
-    def relay(
-        self,
-        plan: Plan,
-        method: str,
-        path: str,
-        record: RequestRecord,
-        client_headers: Mapping[str, str] | Headers,
-        *,
-        body: bytes | None = None,
-        query: bytes = b"",
-        client: Client = NO_CLIENT,
-    ) -> Response:
-        """Send one request to the plan's deployments in turn, until one answers (attempts)."""
-        return self.attempts.relay(
-            plan, method, path, record, client_headers, body=body, query=query, client=client
-        )
-
     def send(
         self,
         prepared: requests.PreparedRequest,
@@ -354,7 +337,7 @@ class Routed:
         query: bytes = b"",
         client: Client = NO_CLIENT,
     ) -> Response:
-        return self.client.relay(
+        return self.client.attempts.relay(
             self.plan, method, path, record, client_headers, body=body, query=query, client=client
         )
 
