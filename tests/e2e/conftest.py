@@ -195,3 +195,18 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {GATEWAY_KEY}"}
+
+
+# Two fake providers for the tests that route between them (routing, reload, failures).
+@pytest.fixture
+def a() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def b() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
+    yield upstream
+    upstream.stop()

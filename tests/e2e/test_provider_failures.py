@@ -5,7 +5,6 @@ mid-body. Provider `a` is preferred (see test_routing)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import openai
 import orjson
@@ -18,20 +17,6 @@ from tests.e2e.test_routing import A_KEY, KEYS, chat, config, models_sent, scrap
 from tests.fake_upstream import FakeUpstream, expected_stream
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def a() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def b() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def log_lines(text: str) -> list[dict[str, object]]:

@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,6 @@ NEW_KEY = "gw-test-key-rotated-5e1d9b7c"
 
 # Tests ask for a and b before start_gateway: teardown runs in reverse, so the gateway
 # closes its connections to them before they stop.
-@pytest.fixture
-def a() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def b() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def routes_m_to(provider: str, a_url: str, b_url: str) -> str:

@@ -7,7 +7,6 @@ a million requests), so that each test knows where a request goes first.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import openai
 import orjson
@@ -46,20 +45,6 @@ models:
   qwen-*: a
 {extra}
 """
-
-
-@pytest.fixture
-def a() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def b() -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def refusing_url() -> str:
