@@ -24,16 +24,23 @@ def presented_key() -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def presented_gateway_key() -> str | None:
+    """The caller's key: a bearer token, or Anthropic's `x-api-key` (what the anthropic
+    SDKs and Claude Code send with ANTHROPIC_API_KEY). The bearer token wins if both come."""
+    return presented_key() or request.headers.get("x-api-key", "").strip() or None
+
+
 def require_api_key() -> None:
     """before_request: authenticate every /v1 route; everything else is public."""
     g.caller = None
     if request.method == "OPTIONS" or PROTECTED_BLUEPRINT not in request.blueprints:
         return
-    token = presented_key()
+    token = presented_gateway_key()
     if token is None:
         raise GatewayError(
             401,
-            "Missing API key. Send it as 'Authorization: Bearer <gateway key>'.",
+            "Missing API key. Send it as 'Authorization: Bearer <gateway key>' "
+            "(or 'x-api-key: <gateway key>').",
             code="missing_api_key",
         )
     caller = current_app.extensions["gateway.keys"].identify(token)

@@ -9,6 +9,7 @@ from gunicorn.http.errors import ParseException
 from gateway.errors import GatewayError
 from gateway.policy.enforce import admit
 from gateway.upstream import Client, upstream_for
+from gateway.upstream.dialect import ChatDialect
 from gateway.upstream.edits import asked_for_usage
 
 bp = Blueprint("chat", __name__)
@@ -44,12 +45,9 @@ def _relay(path: str) -> Response:
     record.inject_usage = record.stream and path != "/embeddings" and not asked_for_usage(body)
     client = upstream_for(record.model)
     response = client.relay(
-        "POST",
-        path,
+        ChatDialect(path, body, request.query_string),
         record,
         request.headers,
-        body=body,
-        query=request.query_string,
         # gunicorn hands the client's socket to the app: watched for the client leaving.
         client=Client.of(request.environ),
     )

@@ -7,8 +7,10 @@ comes from routing (404/405), Werkzeug (413), the rate limiter (429), the upstre
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import orjson
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, g, has_request_context, request
 from loguru import logger
 from werkzeug.exceptions import HTTPException
 
@@ -69,6 +71,11 @@ def error_body(
     }
 
 
+# Another dialect's error object: (status, message, code) -> the status to send and the body.
+# The routes of /v1/messages answer in Anthropic's shape, not OpenAI's.
+ErrorShape = Callable[[int, str, str | None], tuple[int, bytes]]
+
+
 def openai_error(
     status: int,
     message: str,
@@ -77,8 +84,25 @@ def openai_error(
     param: str | None = None,
     kind: str | None = None,
 ) -> Response:
-    body = orjson.dumps(error_body(status, message, code, param, kind))
+    shape = _shape_for_request()
+    if shape is not None:
+        status, body = shape(status, message, code)
+    else:
+        body = orjson.dumps(error_body(status, message, code, param, kind))
     return Response(body, status=status, mimetype="application/json")
+
+
+def _shape_for_request() -> ErrorShape | None:
+    if not has_request_context():
+        return None
+    shapes: Sequence[tuple[str, ErrorShape]] = current_app.extensions.get(
+        "gateway.error_shapes", ()
+    )
+    path = request.path
+    for prefix, shape in shapes:
+        if path.startswith(prefix):
+            return shape
+    return None
 
 
 def _from_gateway_error(exc: GatewayError) -> Response:
@@ -114,7 +138,9 @@ _HTTP_MESSAGES = {
 }
 
 
-def register_error_handlers(app: Flask) -> None:
+def register_error_handlers(app: Flask, shapes: Sequence[tuple[str, ErrorShape]] = ()) -> None:
+    """`shapes`: the routes (by path prefix) whose errors take another dialect's shape."""
+    app.extensions["gateway.error_shapes"] = tuple(shapes)
     app.register_error_handler(GatewayError, _from_gateway_error)
     app.register_error_handler(HTTPException, _from_http_exception)
     app.register_error_handler(Exception, _from_unhandled)

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-_TOKEN_FIELDS = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
+_TOKEN_FIELDS = re.compile(
+    rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)'
+)
+# Messages and Responses name them otherwise; the gateway counts in Chat Completions' names.
+_NAMES = {
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "prompt_tokens": "prompt_tokens",
+    "completion_tokens": "completion_tokens",
+    "total_tokens": "total_tokens",
+}
 # A provider's count above this is not believed (it would overflow Redis's counters).
 MAX_REPORTED_TOKENS = 100_000_000
 
@@ -59,10 +69,20 @@ class RequestRecord:
         return time.perf_counter() - self.started
 
     def note_usage(self, body: bytes) -> None:
-        """Keep token counts if `body` (a JSON answer or an SSE chunk) reports them."""
+        """Keep token counts if `body` (a JSON answer or an SSE chunk) reports them.
+
+        Counts add up across events: a Messages stream gives its input tokens in
+        `message_start` and its output tokens in `message_delta`."""
         usage = usage_in(body)
         if usage:
-            self.usage = usage
+            self.set_usage(usage)
+
+    def set_usage(self, usage: Mapping[str, int]) -> None:
+        counts = dict(self.usage or {})
+        for name, value in usage.items():
+            if (ours := _NAMES.get(name)) is not None and isinstance(value, int):
+                counts[ours] = max(0, min(value, MAX_REPORTED_TOKENS))
+        self.usage = counts
 
 
 def usage_in(body: bytes) -> dict[str, int] | None:
@@ -71,9 +91,10 @@ def usage_in(body: bytes) -> dict[str, int] | None:
     at = body.rfind(b'"usage"')
     if at < 0:
         return None
-    found = {
-        name.decode(): _count(value) for name, value in _TOKEN_FIELDS.findall(body, at, at + 600)
-    }
+    found: dict[str, int] = {}
+    for name, value in _TOKEN_FIELDS.findall(body, at, at + 600):
+        # The first of each: a Responses usage's details come after its counts.
+        found.setdefault(_NAMES[name.decode()], _count(value))
     return found or None
 
 

@@ -39,8 +39,23 @@ PRESETS: Mapping[str, str] = {
     "deepseek": "https://api.deepseek.com/v1",
     "vllm": "http://127.0.0.1:8000/v1",
     "ollama": "http://127.0.0.1:11434/v1",
+    "anthropic": "https://api.anthropic.com/v1",
 }
-Kind = Literal["dashscope", "openai", "deepseek", "vllm", "ollama", "openai-compatible"]
+Kind = Literal[
+    "dashscope", "openai", "deepseek", "vllm", "ollama", "anthropic", "openai-compatible"
+]
+# The dialects besides Chat Completions a provider may serve itself: a request in one of
+# them is relayed to it as sent; to any other provider it is translated to Chat Completions.
+Dialect = Literal["messages", "responses"]
+# What each kind serves natively unless `native:` says otherwise. DashScope serves both
+# (Messages under /apps/anthropic; Responses for qwen3-max, qwen3.5-plus and newer: a route
+# to an older Qwen model sets `native: []` on its provider); vLLM, llama.cpp and Ollama only
+# when configured, since it depends on their version.
+NATIVE_BY_KIND: Mapping[str, tuple[Dialect, ...]] = {
+    "dashscope": ("messages", "responses"),
+    "openai": ("responses",),
+    "anthropic": ("messages",),
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
@@ -89,6 +104,15 @@ class Provider(_Frozen):
     stream_usage: bool = True
     # HTTP(S) proxy for this provider, resolved from HTTPS_PROXY/NO_PROXY at load.
     proxies: Mapping[str, str] = Field(default_factory=dict, repr=False)
+    # The dialects it serves itself (None: its kind's, NATIVE_BY_KIND).
+    native: tuple[Dialect, ...] | None = None
+    # Where its Messages API lives, as ANTHROPIC_BASE_URL would be set (without /v1):
+    # DashScope's is /apps/anthropic on the same host; by default base_url without /v1.
+    anthropic_base_url: str = ""
+
+    def serves(self, dialect: Dialect) -> bool:
+        native = NATIVE_BY_KIND.get(self.kind, ()) if self.native is None else self.native
+        return dialect in native
 
     @model_validator(mode="before")
     @classmethod
@@ -114,9 +138,11 @@ class Provider(_Frozen):
             data["api_key"] = value
         return data
 
-    @field_validator("base_url")
+    @field_validator("base_url", "anthropic_base_url")
     @classmethod
     def _url(cls, value: str) -> str:
+        if not value:  # anthropic_base_url is derived when absent (see _kind)
+            return value
         url = urlsplit(value)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("not a URL (http:// or https:// with a host)")
@@ -149,7 +175,17 @@ class Provider(_Frozen):
         host = urlsplit(self.base_url).hostname or ""
         if self.kind == "openai-compatible" and host.endswith("dashscope.aliyuncs.com"):
             object.__setattr__(self, "kind", "dashscope")
+        if not self.anthropic_base_url:
+            object.__setattr__(self, "anthropic_base_url", _anthropic_base(self))
         return self
+
+
+def _anthropic_base(provider: Provider) -> str:
+    """The Messages API's base URL where the provider's config does not give it."""
+    url = provider.base_url
+    if provider.kind == "dashscope" and url.endswith("/compatible-mode/v1"):
+        return url.removesuffix("/compatible-mode/v1") + "/apps/anthropic"
+    return url.removesuffix("/v1")
 
 
 class Deployment(_Frozen):

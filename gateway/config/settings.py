@@ -72,6 +72,8 @@ ENVIRONMENT_VARIABLES = (
     "CLIENT_WRITE_TIMEOUT",
     "QUEUE_TIMEOUT",
     "GIL_SWITCH_INTERVAL",
+    "RESPONSES_STORE_TTL",
+    "RESPONSES_STORE_MEMORY_BYTES",
     "GATEWAY_CONFIG",
     "GATEWAY_ADMIN_KEY",
 )
@@ -156,6 +158,10 @@ class Settings:
     header_secrets: tuple[str, ...] = field(default=(), repr=False)
     # Guards the usage API (/v1/usage); empty: that API is off.
     admin_api_key: str = field(default="", repr=False)
+    # Stored Responses (`store: true`, the default): kept this long in the limits' storage
+    # (Redis: seen by every replica), and in memory at most this many bytes per worker.
+    responses_ttl: float = 86400.0
+    responses_memory_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _validate_target(self)
@@ -265,6 +271,10 @@ def _validate_limits_and_server(s: Settings) -> None:
     _require(s.max_response_body_bytes > 0, "MAX_RESPONSE_BODY_BYTES must be > 0")
     _require(s.gunicorn_workers >= 1, "GUNICORN_WORKERS must be >= 1")
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
+    _require(
+        0 < s.responses_ttl <= 366 * 86400, "RESPONSES_STORE_TTL must be > 0 and <= a year"
+    )
+    _require(s.responses_memory_bytes >= 0, "RESPONSES_STORE_MEMORY_BYTES must be >= 0")
     # memory:// counters live inside one process: a second worker would double the limit.
     _require(
         storage != "memory" or s.gunicorn_workers == 1 or not _any_limit(s),
@@ -361,6 +371,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         client_write_timeout=reader.number("CLIENT_WRITE_TIMEOUT", 60.0),
         queue_timeout=reader.number("QUEUE_TIMEOUT", 5.0),
         gil_switch_interval=reader.number("GIL_SWITCH_INTERVAL", 0.05),
+        responses_ttl=reader.number("RESPONSES_STORE_TTL", 86400.0),
+        responses_memory_bytes=reader.integer("RESPONSES_STORE_MEMORY_BYTES", 64 * 1024 * 1024),
     )
 
 

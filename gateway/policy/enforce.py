@@ -24,12 +24,12 @@ from gateway.policy.usage import reservation, settle_usage
 from gateway.record import RequestRecord
 
 
-def admit(record: RequestRecord, body: bytes, max_tokens: int | None) -> None:
-    """Refuse a model the key may not use or a key whose tokens are spent; else reserve."""
+def allow_model(record: RequestRecord) -> None:
+    """Refuse a model the key may not use (403)."""
     caller: Caller = g.caller
-    metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     model = record.model or ""
     if not caller.allows(model):
+        metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
         metrics.key_rejections.labels(caller.label, "model_denied").inc()
         raise GatewayError(
             403,
@@ -37,6 +37,13 @@ def admit(record: RequestRecord, body: bytes, max_tokens: int | None) -> None:
             code="model_not_allowed",
             param="model",
         )
+
+
+def admit(record: RequestRecord, body: bytes, max_tokens: int | None) -> None:
+    """Refuse a model the key may not use or a key whose tokens are spent; else reserve."""
+    allow_model(record)
+    caller: Caller = g.caller
+    metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     budget: TokenBudget = current_app.extensions["gateway.tokens"]
     record.prompt_bytes = len(body)
     held = g.tokens = budget.reserve(caller, reservation(len(body), max_tokens))

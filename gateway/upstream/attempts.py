@@ -22,9 +22,9 @@ from gateway.errors import GatewayError
 from gateway.record import RequestRecord
 from gateway.upstream.bodies import Client, pieces
 from gateway.upstream.connection import Exchange
+from gateway.upstream.dialect import Dialect, Leg
 from gateway.upstream.providers import (
     FALLBACK_SETTING,
-    body_for,
     in_arrears,
     is_stream,
     retry_after,
@@ -48,6 +48,7 @@ class _Failed:
     body: Iterator[bytes] | None = None
     head: tuple[list[bytes], bool] | None = None
     verdict: Verdict | None = None  # given already: relaying the answer adds nothing
+    leg: Leg | None = None
 
     def discard(self) -> None:
         if self.exchange is not None:
@@ -65,13 +66,10 @@ class Attempts:
     def relay(
         self,
         plan: Plan,
-        method: str,
-        path: str,
+        dialect: Dialect,
         record: RequestRecord,
         client_headers: Mapping[str, str] | Headers,
         *,
-        body: bytes | None,
-        query: bytes,
         client: Client,
     ) -> Response:
         """Send one request to the plan's deployments in turn, until one answers.
@@ -92,6 +90,13 @@ class Attempts:
         for candidate in plan.candidates:
             if tried >= policy.max_attempts or (tried and record.elapsed() >= policy.deadline):
                 break
+            # Built before a slot is taken: a body the dialect cannot build is refused (400)
+            # with nothing held.
+            leg = dialect.leg(
+                candidate,
+                stream=record.stream,
+                include_usage=inject_usage and candidate.provider.stream_usage,
+            )
             slot = self.router.acquire(candidate)
             if slot is None:  # its provider has max_concurrent requests in flight
                 self._fall_back(plan, record, candidate, "capacity")
@@ -100,8 +105,8 @@ class Attempts:
                 failed.discard()
                 self._fall_back(plan, record, failed.candidate, failed.outcome)
             tried += 1
-            sent = _Sent(method, path, query, headers, body, deadline, client, inject_usage)
-            result = self._attempt(plan, candidate, slot, sent, record)
+            sent = _Sent(headers, deadline, client)
+            result = self._attempt(plan, candidate, slot, sent, record, leg=leg)
             if isinstance(result, Response):
                 return result
             failed = result
@@ -114,26 +119,27 @@ class Attempts:
         return self._relay_failure(failed, record, client)
 
     def _attempt(
-        self, plan: Plan, candidate: Candidate, slot: Slot, sent: _Sent, record: RequestRecord
+        self,
+        plan: Plan,
+        candidate: Candidate,
+        slot: Slot,
+        sent: _Sent,
+        record: RequestRecord,
+        *,
+        leg: Leg,
     ) -> Response | _Failed:
         """One deployment tried: its answer, or what failed if another may be tried."""
         provider = candidate.provider.name
         target = self.client.targets[provider]
         record.provider, record.upstream_model = provider, candidate.upstream_model
         record.upstream_error = record.upstream_status = record.upstream_request_id = None
-        # What this attempt asks: the relay strips the usage chunk only when it was asked.
-        record.inject_usage = sent.inject_usage and candidate.provider.stream_usage
+        # What this attempt asked: the relay strips the usage chunk only when it was asked.
+        record.inject_usage = leg.usage_asked
         prepared = self.client.prepare(
-            sent.method,
-            target.base_url + sent.path_and_query,
-            {**sent.headers, **target.headers},
-            body_for(
-                candidate,
-                sent.path,
-                sent.body,
-                stream=record.stream,
-                include_usage=record.inject_usage,
-            ),
+            leg.method,
+            (leg.base_url or target.base_url) + _path_and_query(leg),
+            _headers(sent.headers, target.headers, leg),
+            leg.body,
         )
         exchange = Exchange()
         # gunicorn hands the client's socket to the app: watched from before the request is
@@ -168,6 +174,7 @@ class Attempts:
                     client=sent.client,
                     head_read=head,
                     verdict=verdict,
+                    leg=leg,
                 )
             slot.release()  # it has answered: the answer kept is no work in flight there
             return _Failed(
@@ -178,6 +185,7 @@ class Attempts:
                 body=body,
                 head=head,
                 verdict=verdict,
+                leg=leg,
             )
         except BaseException:
             exchange.release()
@@ -230,6 +238,7 @@ class Attempts:
                 client=client,
                 head_read=failed.head,
                 verdict=failed.verdict,
+                leg=failed.leg,
             )
         except BaseException:
             failed.exchange.release()
@@ -279,23 +288,28 @@ class Attempts:
 
 @dataclass(frozen=True)
 class _Sent:
-    """What every attempt of one request sends (the body before its per-provider edits)."""
+    """What every attempt of one request shares (each leg is the dialect's, per provider)."""
 
-    method: str
-    path: str
-    query: bytes
     headers: dict[str, str]
-    body: bytes | None
     deadline: float | None
     client: Client
-    # Usage is to be asked for (the client did not), where the provider takes stream_options.
-    inject_usage: bool
 
-    @property
-    def path_and_query(self) -> str:
-        if not self.query:
-            return self.path
-        return f"{self.path}?{self.query.decode('latin-1')}"  # as sent, still percent-encoded
+
+def _path_and_query(leg: Leg) -> str:
+    if not leg.query:
+        return leg.path
+    return f"{leg.path}?{leg.query.decode('latin-1')}"  # as sent, still percent-encoded
+
+
+def _headers(client: dict[str, str], provider: Mapping[str, str], leg: Leg) -> dict[str, str]:
+    """The client's forwarded headers, then the provider's own, then the leg's changes."""
+    headers = {**client, **provider}
+    for name, value in leg.headers.items():
+        for present in [k for k in headers if k.lower() == name.lower()]:
+            del headers[present]
+        if value is not None:
+            headers[name] = value
+    return headers
 
 
 class Verdict:

@@ -24,8 +24,9 @@ from gateway.disconnects import CLIENT_GONE
 from gateway.errors import GatewayError, error_body
 from gateway.record import RequestRecord
 from gateway.upstream.connection import Exchange
+from gateway.upstream.dialect import StreamTranslator
 from gateway.upstream.scrub import Scrubber
-from gateway.upstream.sse import UsageChunks, text_bytes
+from gateway.upstream.sse import SseData, UsageChunks, text_bytes
 
 PIECE_BYTES = 64 * 1024
 # An answer this short is read whole before the client gets its status line, so that a
@@ -135,9 +136,11 @@ class SseRelay(_AnswerRelay):
         fail: Fail,
         *,
         ended: Callable[[], None],
+        error_event: Callable[[int, str], bytes] | None = None,
     ) -> None:
         super().__init__(exchange, record, scrubber, fail, ended)
         self._chunks = chunks
+        self._error_event = error_event or _chat_error_event
 
     def __iter__(self) -> Iterator[bytes]:
         record = self._record
@@ -157,8 +160,7 @@ class SseRelay(_AnswerRelay):
             if self._exchange.ended_by == CLIENT_GONE:  # nobody is listening any more
                 return
             error = self._fail(exc)
-            event = b"data: " + orjson.dumps(error_body(error.status, error.message)) + b"\n\n"
-            yield self._held(ours) + event
+            yield self._held(ours) + self._error_event(error.status, error.message)
             self._finished = True
             return
         # A close-delimited stream ends "normally" when the watcher's shutdown ends its read.
@@ -172,6 +174,70 @@ class SseRelay(_AnswerRelay):
     def _held(self, ours: UsageChunks) -> bytes:
         rest = ours.flush()
         return self._scrubber.feed(rest) + self._scrubber.flush()
+
+
+def _chat_error_event(status: int, message: str) -> bytes:
+    return b"data: " + orjson.dumps(error_body(status, message)) + b"\n\n"
+
+
+class TranslatedSseRelay(_AnswerRelay):
+    """An event stream translated into the client's dialect, event by event as it arrives.
+
+    The provider's bytes are masked first, then split into events for the translator; what
+    it returns goes to the client at once. A failure after the first byte becomes the
+    dialect's own error event, never a silently cut stream.
+    """
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        chunks: Iterator[bytes],
+        record: RequestRecord,
+        scrubber: Scrubber,
+        fail: Fail,
+        *,
+        translator: StreamTranslator,
+        ended: Callable[[], None],
+    ) -> None:
+        super().__init__(exchange, record, scrubber, fail, ended)
+        self._chunks = chunks
+        self._translator = translator
+
+    def __iter__(self) -> Iterator[bytes]:
+        record, translator, scrubber = self._record, self._translator, self._scrubber
+        events = SseData()
+        try:
+            for piece in self._chunks:
+                if record.ttfb is None:
+                    record.ttfb = record.elapsed()
+                record.completion_bytes += text_bytes(piece)
+                payloads = events.feed(scrubber.feed(piece))
+                if out := b"".join([translator.feed(data) for data in payloads]):
+                    yield out
+        except (*READ_ERRORS, AnswerTooLargeError) as exc:
+            if self._exchange.ended_by == CLIENT_GONE:
+                return
+            error = self._fail(exc)
+            self._finished = True
+            yield self._rest(events) + translator.fail(error.status, error.message)
+            return
+        if self._exchange.ended_by == CLIENT_GONE:
+            return
+        tail = self._rest(events) + translator.finish()
+        self._finished = True
+        self._ended()
+        if tail:
+            yield tail
+
+    def _rest(self, events: SseData) -> bytes:
+        held = events.feed(self._scrubber.flush()) + events.flush()
+        return b"".join([self._translator.feed(data) for data in held])
+
+    def close(self) -> None:
+        # The usage the provider reported, even if the client left after it came.
+        if (usage := self._translator.usage) and not self._record.usage:
+            self._record.set_usage(usage)
+        super().close()
 
 
 class BodyRelay(_AnswerRelay):

@@ -32,8 +32,10 @@ from gateway.upstream.bodies import (
     BodyRelay,
     Client,
     SseRelay,
+    TranslatedSseRelay,
 )
 from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
+from gateway.upstream.dialect import AnswerShape, Dialect, Leg
 from gateway.upstream.headers import forwarded, relayable_headers, upstream_request_id
 from gateway.upstream.providers import (
     AttemptObserver,
@@ -137,11 +139,15 @@ class UpstreamClient:
         client: Client,
         verdict: Verdict,
         head_read: tuple[list[bytes], bool] | None = None,
+        leg: Leg | None = None,
     ) -> Response:
         """The provider's answer relayed; `verdict` is told how the relaying went (a stream
-        broken mid-body is its deployment's failure too), unless it was given already."""
+        broken mid-body is its deployment's failure too), unless it was given already.
+        With a `shape`, the answer is translated into the client's dialect on the way."""
         headers = relayable_headers(upstream.headers, self.mask)
         status = upstream.status_code
+        shape = leg.shape if leg is not None else None
+        on_first = leg.on_first if leg is not None and upstream.ok else None
 
         def fail(exc: Exception | None) -> GatewayError:
             error = self._translate(exc, record, exchange, mid_body=True)
@@ -149,19 +155,46 @@ class UpstreamClient:
                 verdict.failed(record.upstream_error or "stream_broken")
             return error
 
-        if is_stream(upstream):
+        if is_stream(upstream) and (shape is None or upstream.ok):
             headers.update(_STREAM_HEADERS)
             record.event_stream = True
             chunks = itertools.chain(head_read[0], body) if head_read else body
+            if on_first is not None and head_read:
+                on_first(b"".join(head_read[0]))
             scrubber = Scrubber(self.mask)
-            sse = SseRelay(exchange, chunks, record, scrubber, fail, ended=verdict.succeeded)
+            if shape is not None:
+                translated = TranslatedSseRelay(
+                    exchange,
+                    chunks,
+                    record,
+                    scrubber,
+                    fail,
+                    translator=shape.stream(),
+                    ended=verdict.succeeded,
+                )
+                return Response(translated, status=status, headers=headers)
+            sse = SseRelay(
+                exchange,
+                chunks,
+                record,
+                scrubber,
+                fail,
+                ended=verdict.succeeded,
+                error_event=leg.stream_error if leg is not None else None,
+            )
             return Response(sse, status=status, headers=headers)
+        if shape is not None:
+            return self._translated(
+                upstream, body, record, exchange, verdict=verdict, head_read=head_read, shape=shape
+            )
         try:
             head, complete = head_read or self.read_head(body, record, exchange)
         except GatewayError as error:
             if error.status != 499:
                 verdict.failed(record.upstream_error or "protocol")
             raise
+        if on_first is not None:
+            on_first(b"".join(head[:1]))
         if not complete:
             rest = BodyRelay(
                 exchange,
@@ -182,6 +215,44 @@ class UpstreamClient:
             record.note_usage(content)
         return Response(content, status=status, headers=headers)
 
+    def _translated(
+        self,
+        upstream: requests.Response,
+        body: Iterator[bytes],
+        record: RequestRecord,
+        exchange: Exchange,
+        *,
+        verdict: Verdict,
+        head_read: tuple[list[bytes], bool] | None,
+        shape: AnswerShape,
+    ) -> Response:
+        """A whole answer read (at most MAX_RESPONSE_BODY_BYTES), then translated."""
+        try:
+            head, complete = head_read or self.read_head(body, record, exchange)
+            if not complete:
+                head.extend(self.read_head(body, record, exchange, limit=None)[0])
+        except GatewayError as error:
+            if error.status != 499:
+                verdict.failed(record.upstream_error or "protocol")
+            raise
+        content = self.mask.whole(b"".join(head))
+        exchange.release()
+        status = upstream.status_code
+        if not upstream.ok:
+            verdict.succeeded()
+            return _json(shape.error(status, content), status, upstream, self.mask)
+        record.note_usage(content)
+        try:
+            translated = shape.answer(content)
+        except ValueError:
+            verdict.failed("protocol")
+            record.upstream_error = "protocol"
+            raise GatewayError(
+                502, "The upstream sent an answer the gateway could not read."
+            ) from None
+        verdict.succeeded()
+        return _json(translated, status, upstream, self.mask)
+
     def first_piece(
         self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange
     ) -> tuple[list[bytes], bool]:
@@ -197,16 +268,21 @@ class UpstreamClient:
         return [first], False
 
     def read_head(
-        self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange
+        self,
+        body: Iterator[bytes],
+        record: RequestRecord,
+        exchange: Exchange,
+        limit: int | None = HEAD_BYTES,
     ) -> tuple[list[bytes], bool]:
-        """A short answer read whole (True), or the first HEAD_BYTES of a long one (False)."""
+        """A short answer read whole (True), or the first HEAD_BYTES of a long one (False).
+        With no `limit`, the whole answer (`pieces` stops it at MAX_RESPONSE_BODY_BYTES)."""
         head: list[bytes] = []
         size = 0
         try:
             for piece in body:
                 head.append(piece)
                 size += len(piece)
-                if size >= HEAD_BYTES:
+                if limit is not None and size >= limit:
                     return head, False
         except (*READ_ERRORS, AnswerTooLargeError) as exc:
             raise self._translate(exc, record, exchange) from None
@@ -216,7 +292,7 @@ class UpstreamClient:
 
     @staticmethod
     def prepare(
-        method: str, url: str, headers: dict[str, str], body: bytes | None
+        method: str, url: str, headers: Mapping[str, str], body: bytes | None
     ) -> requests.PreparedRequest:
         # Built directly rather than with PreparedRequest.prepare(): the base URL was
         # normalised once at start-up and the path is ours, so re-parsing both on every
@@ -224,9 +300,9 @@ class UpstreamClient:
         prepared = requests.PreparedRequest()
         prepared.method = method
         prepared.url = url
-        if body is not None:
-            headers["Content-Length"] = str(len(body))
         prepared.headers = CaseInsensitiveDict(headers)
+        if body is not None:
+            prepared.headers["Content-Length"] = str(len(body))
         prepared.body = body
         return prepared
 
@@ -289,6 +365,13 @@ class UpstreamClient:
         return GatewayError(502, "The upstream sent an invalid response.")
 
 
+def _json(body: bytes, status: int, upstream: requests.Response, mask: SecretMask) -> Response:
+    headers = relayable_headers(upstream.headers, mask)
+    for name in [n for n in headers if n.lower() == "content-type"]:
+        del headers[name]
+    return Response(body, status=status, headers=headers, mimetype="application/json")
+
+
 def _declared_length(upstream: requests.Response) -> int | None:
     """The body's length as the provider declares it, if that is its decoded length."""
     if upstream.headers.get("Content-Encoding", "identity") != "identity":
@@ -328,18 +411,13 @@ class Routed:
 
     def relay(
         self,
-        method: str,
-        path: str,
+        dialect: Dialect,
         record: RequestRecord,
         client_headers: Mapping[str, str] | Headers,
         *,
-        body: bytes | None = None,
-        query: bytes = b"",
         client: Client = NO_CLIENT,
     ) -> Response:
-        return self.client.attempts.relay(
-            self.plan, method, path, record, client_headers, body=body, query=query, client=client
-        )
+        return self.client.attempts.relay(self.plan, dialect, record, client_headers, client=client)
 
 
 def upstream_for(model: str | None) -> Routed:

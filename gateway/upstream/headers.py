@@ -23,7 +23,11 @@ HOP_BY_HOP = frozenset(
 # The only client headers sent upstream: an allow-list, because anything else could steer
 # the provider account the gateway pays with (OpenAI-Organization, OpenAI-Project,
 # X-DashScope-WorkSpace...) or smuggle hop-by-hop and credential headers through.
-_FORWARDED_FROM_CLIENT = frozenset({"content-type", "accept", "user-agent", "openai-beta"})
+# anthropic-version and -beta go to a provider serving Messages itself (a translated leg
+# drops them); `x-api-key` is the caller's gateway key and never leaves.
+_FORWARDED_FROM_CLIENT = frozenset(
+    {"content-type", "accept", "user-agent", "openai-beta", "anthropic-version", "anthropic-beta"}
+)
 # The openai SDKs' telemetry headers (X-Stainless-Lang, -Retry-Count...): harmless, useful.
 _FORWARDED_PREFIXES = ("x-stainless-",)
 _DROP_FROM_UPSTREAM = HOP_BY_HOP | {

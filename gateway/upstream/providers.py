@@ -1,5 +1,5 @@
-"""What differs from one provider to the next: where and how to reach it, what its answers
-mean for fallback, and the body it is sent (model rewrite, DashScope's defaults)."""
+"""What differs from one provider to the next: where and how to reach it, and what its
+answers mean for fallback. (What it is sent is the dialect's: see dialect.py.)"""
 
 from __future__ import annotations
 
@@ -14,12 +14,7 @@ import orjson
 import requests
 
 from gateway.config import Provider, Settings
-from gateway.upstream.edits import edited
-from gateway.upstream.router import Candidate
 
-# Qwen3's hybrid-thinking models refuse a non-streamed call unless thinking is off; a client
-# that sets enable_thinking keeps its value (edits adds only what is absent).
-DASHSCOPE_CHAT_DEFAULTS = {"enable_thinking": False}
 # A failed attempt's outcome (gateway_upstream_attempts_total{outcome},
 # gateway_fallbacks_total{reason}) and the routing.fallback_on value that lets it fall back.
 # An account in arrears serves nobody, and a provider refusing the gateway's own key (401,
@@ -71,21 +66,6 @@ class Target:
             provider.read_timeout or settings.upstream_read_timeout,
         )
         return cls(normalized_url(provider.base_url), headers, timeout, dict(provider.proxies))
-
-
-def body_for(
-    candidate: Candidate, path: str, body: bytes | None, *, stream: bool, include_usage: bool
-) -> bytes | None:
-    """The body this candidate is sent; the client's own bytes unless something must change."""
-    if body is None:
-        return None
-    thinking = candidate.provider.kind == "dashscope" and path == "/chat/completions"
-    return edited(
-        body,
-        model=candidate.upstream_model if candidate.rewrite else None,
-        defaults=DASHSCOPE_CHAT_DEFAULTS if thinking and not stream else None,
-        include_usage=include_usage,
-    )
 
 
 def normalized_url(url: str) -> str:

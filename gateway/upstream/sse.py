@@ -145,3 +145,43 @@ def _no_choices(fields: dict[str, msgspec.Raw]) -> bool:
         return _LIST.decode(choices) == []
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False
+
+
+class SseData:
+    """Splits an event stream into its events' `data` payloads, whatever the pieces' cuts.
+
+    Fed the provider's pieces; returns the payloads of the events each one completes (the
+    `data:` lines of an event joined with "\\n", as the SSE spec says). Comments, `event:`,
+    `id:` and `retry:` lines are not needed by a translator and are left out. What is held
+    is at most one event, and the stream as a whole is bounded by MAX_RESPONSE_BODY_BYTES.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        buffer = self._pending + piece if self._pending else piece
+        payloads: list[bytes] = []
+        start = 0
+        for found in _BOUNDARY.finditer(buffer, max(0, len(self._pending) - 3)):
+            data = _payload(buffer[start : found.start()])
+            if data is not None:
+                payloads.append(data)
+            start = found.end()
+        self._pending = buffer[start:]
+        return payloads
+
+    def flush(self) -> list[bytes]:
+        """The end of the stream: an unterminated last event still counts."""
+        rest, self._pending = self._pending, b""
+        data = _payload(rest)
+        return [data] if data is not None else []
+
+
+def _payload(event: bytes) -> bytes | None:
+    if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
+        return event[5:].lstrip(b" ")  # the common case: one line
+    lines = [
+        line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None

@@ -1,0 +1,93 @@
+"""What one attempt sends and how its answer comes back, whatever dialect the client speaks.
+
+The attempt loop asks the request's `Dialect` for each candidate's `Leg`: the path, the
+body, any headers to set or drop, and an `AnswerShape` that turns the provider's answer
+into the client's (None: the provider's bytes are relayed as they are). Chat Completions
+is the `ChatDialect` below; Messages and Responses are built by their views from the pure
+translators in `gateway.protocols`. Nothing else in this package knows which dialect a
+request is in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.upstream.edits import edited
+from gateway.upstream.router import Candidate
+
+# Qwen3's hybrid-thinking models refuse a non-streamed call unless thinking is off; a client
+# that sets enable_thinking keeps its value (edits adds only what is absent).
+DASHSCOPE_CHAT_DEFAULTS = {"enable_thinking": False}
+
+
+class StreamTranslator(Protocol):
+    """Fed the provider's event stream one `data:` payload at a time; returns client bytes."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+    def fail(self, status: int, message: str) -> bytes: ...
+
+    @property
+    def usage(self) -> Mapping[str, int] | None: ...
+
+
+class AnswerShape(Protocol):
+    """How a translated attempt's answer becomes the client's. `answer` raises ValueError
+    for an answer it cannot read (the gateway's 502)."""
+
+    def answer(self, body: bytes) -> bytes: ...
+
+    def error(self, status: int, body: bytes) -> bytes: ...
+
+    def stream(self) -> StreamTranslator: ...
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One attempt's request, as the dialect builds it for one candidate."""
+
+    path: str
+    body: bytes | None
+    query: bytes = b""
+    method: str = "POST"
+    base_url: str | None = None  # None: the provider's base_url
+    # The gateway added stream_options.include_usage: what it brings back is the gateway's.
+    usage_asked: bool = False
+    # Set on the request after the client's forwarded headers; None drops one.
+    headers: Mapping[str, str | None] = field(default_factory=dict)
+    shape: AnswerShape | None = None
+    # A relayed stream's failure after its first byte, as an event of its dialect
+    # (status, message -> bytes); None: Chat Completions' `data: {"error": ...}`.
+    stream_error: Callable[[int, str], bytes] | None = None
+    # Shown the first bytes of a successful answer relayed as is (a native provider's
+    # response id is read from them).
+    on_first: Callable[[bytes], None] | None = None
+
+
+class Dialect(Protocol):
+    def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg: ...
+
+
+@dataclass(frozen=True)
+class ChatDialect:
+    """Chat Completions, completions and embeddings: relayed, with the few edits of `edits`."""
+
+    path: str
+    body: bytes | None
+    query: bytes = b""
+
+    def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg:
+        body = self.body
+        if body is not None:
+            thinking = candidate.provider.kind == "dashscope" and self.path == "/chat/completions"
+            body = edited(
+                body,
+                model=candidate.upstream_model if candidate.rewrite else None,
+                defaults=DASHSCOPE_CHAT_DEFAULTS if thinking and not stream else None,
+                include_usage=include_usage,
+            )
+        return Leg(self.path, body, self.query, usage_asked=include_usage)
