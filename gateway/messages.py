@@ -1,0 +1,170 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API (Claude Code).
+
+The same pipeline as chat (the caller's key, its models and token windows, routing,
+fallback, usage), with one protocol step: each attempt is relayed as sent to a provider
+that serves Messages itself, or translated to Chat Completions and back for any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from flask import Blueprint, Response, g, request
+
+from gateway.chat import read_body
+from gateway.errors import GatewayError
+from gateway.policy.enforce import admit, allow_model
+from gateway.protocols import anthropic
+from gateway.protocols.common import ProtocolError
+from gateway.upstream import Client, upstream_for
+from gateway.upstream.dialect import Leg, StreamTranslator
+from gateway.upstream.router import Candidate
+
+bp = Blueprint("messages", __name__)
+
+PREFIX = "/v1/messages"
+# What Anthropic's API expects when the client does not say (Claude Code always does).
+_VERSION = "2023-06-01"
+# Headers only a Messages provider understands: never sent to a Chat Completions one.
+_ANTHROPIC_ONLY: dict[str, str | None] = {"anthropic-version": None, "anthropic-beta": None}
+
+
+@bp.post("/messages")
+def messages() -> Response:
+    body = read_body()
+    req = _parse(body)
+    record = g.record
+    record.model, record.stream = req.model, req.stream is True
+    admit(record, body, req.max_tokens)
+    # A translated stream asks its provider for usage (message_delta reports it); a native
+    # provider reports it unasked.
+    record.inject_usage = record.stream
+    reply = anthropic.reply_for(req)
+    dialect = MessagesDialect(body, req, request.query_string, reply)
+    routed = upstream_for(record.model)
+    return routed.relay(dialect, record, request.headers, client=Client.of(request.environ))
+
+
+@bp.post("/messages/count_tokens")
+def count_tokens() -> Response:
+    """Relayed to a provider that serves Messages itself, else the gateway's estimate: never
+    a 404 (Claude Code would fall back to 17 non-streamed calls)."""
+    body = read_body()
+    req = _parse(body, counting=True)
+    record = g.record
+    record.model = req.model
+    allow_model(record)
+    routed = upstream_for(record.model)
+    if routed.plan.candidates and routed.plan.candidates[0].provider.serves("messages"):
+        dialect = CountTokensDialect(body, request.query_string)
+        return routed.relay(dialect, record, request.headers, client=Client.of(request.environ))
+    counted = orjson.dumps({"input_tokens": anthropic.count_tokens(req)})
+    return Response(counted, mimetype="application/json")
+
+
+def _parse(body: bytes, *, counting: bool = False) -> anthropic.MessagesRequest:
+    try:
+        return anthropic.parse(body, counting=counting)
+    except ProtocolError as exc:
+        raise GatewayError(400, exc.message, param=exc.param) from None
+
+
+def error_shape(status: int, message: str, code: str | None) -> tuple[int, bytes]:
+    """The gateway's own errors on these routes, in Anthropic's shape. With no provider left
+    to try, Anthropic's clients expect 529 overloaded_error (and retry it)."""
+    del code
+    status = 529 if status == 503 else status
+    return status, anthropic.error_body(status, message)
+
+
+@dataclass(frozen=True)
+class MessagesShape:
+    """A Chat Completions answer turned into a Messages one."""
+
+    reply: anthropic.Reply
+
+    def answer(self, body: bytes) -> bytes:
+        return anthropic.from_chat(body, self.reply)
+
+    max_tokens: int | None
+
+    def error(self, status: int, body: bytes) -> bytes:
+        # With the request's numbers, a context-length refusal gets Anthropic's exact
+        # wording, from which Claude Code recovers by itself with a smaller max_tokens.
+        return anthropic.error_from_chat(
+            status, body, max_tokens=self.max_tokens, input_estimate=self.reply.input_estimate
+        )
+
+    def stream(self) -> StreamTranslator:
+        return anthropic.StreamTranslator(self.reply)
+
+
+@dataclass(frozen=True)
+class MessagesDialect:
+    body: bytes
+    req: anthropic.MessagesRequest
+    query: bytes
+    reply: anthropic.Reply
+
+    def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg:
+        provider = candidate.provider
+        if provider.serves("messages"):
+            model = candidate.upstream_model if candidate.rewrite else None
+            return Leg(
+                "/v1/messages",
+                anthropic.native_body(self.body, model=model),
+                self.query,
+                base_url=provider.anthropic_base_url,
+                headers=_native_headers(candidate),
+                stream_error=anthropic.error_event,
+            )
+        try:
+            chat = anthropic.to_chat(
+                self.req,
+                model=candidate.upstream_model,
+                provider_kind=provider.kind,
+                include_usage=include_usage,
+            )
+        except ProtocolError as exc:  # content Chat Completions cannot carry
+            raise GatewayError(400, exc.message, param=exc.param) from None
+        return Leg(
+            "/chat/completions",
+            chat,
+            headers=_ANTHROPIC_ONLY,
+            shape=MessagesShape(self.reply, self.req.max_tokens),
+            usage_asked=include_usage,
+        )
+
+
+@dataclass(frozen=True)
+class CountTokensDialect:
+    body: bytes
+    query: bytes
+
+    def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg:
+        model = candidate.upstream_model if candidate.rewrite else None
+        return Leg(
+            "/v1/messages/count_tokens",
+            anthropic.native_body(self.body, model=model),
+            self.query,
+            base_url=candidate.provider.anthropic_base_url,
+            headers=_native_headers(candidate),
+        )
+
+
+def _native_headers(candidate: Candidate) -> dict[str, str | None]:
+    """The provider's key as Anthropic's API takes it, the version, and the beta flags it
+    knows. Anthropic itself wants `x-api-key` alone; the others take either."""
+    provider = candidate.provider
+    headers: dict[str, str | None] = {
+        "anthropic-version": request.headers.get("anthropic-version") or _VERSION,
+        "anthropic-beta": anthropic.known_betas(
+            request.headers.get("anthropic-beta"), provider.kind
+        ),
+    }
+    if provider.api_key:
+        headers["x-api-key"] = provider.api_key
+        if provider.kind == "anthropic":
+            headers["Authorization"] = None
+    return headers
