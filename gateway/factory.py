@@ -8,7 +8,7 @@ import threading
 from flask import Blueprint, Flask
 from flask_cors import CORS
 
-from gateway import chat, health, metrics, models, usage
+from gateway import chat, health, messages, metrics, models, responses, usage
 from gateway.access import init_access
 from gateway.auth import PROTECTED_BLUEPRINT, KeyRing, require_api_key
 from gateway.config import Settings, load_settings
@@ -20,6 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import TokenBudget
 from gateway.policy.enforce import init_policy
 from gateway.policy.report import QuotaGauges
+from gateway.stored import ResponseStore
 from gateway.upstream import ModelCatalog, Router, UpstreamClient
 
 # Headers a browser client may read from our responses.
@@ -58,7 +59,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gateway.models"] = ModelCatalog(upstream)
     # Set on SIGTERM (see gunicorn.conf.py): /ready answers 503 while streams drain.
     app.extensions["gateway.draining"] = threading.Event()
-    register_error_handlers(app)
+    # Anthropic's clients read errors in Anthropic's shape on the Messages routes.
+    register_error_handlers(app, [(messages.PREFIX, messages.error_shape)])
     # Order matters: request id first, then the key check, then the limiter (after init).
     init_access(app)
     app.before_request(require_api_key)
@@ -66,6 +68,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     budget = TokenBudget(settings.rate_limit_storage_uri)
     init_policy(app, budget)
     metrics.add_live_collector(QuotaGauges(budget, keys))
+    app.extensions["gateway.responses"] = ResponseStore.of(
+        settings.rate_limit_storage_uri, settings.responses_ttl, settings.responses_memory_bytes
+    )
     # always_send=False: CORS headers only for browsers (requests with an Origin header).
     CORS(
         app,
@@ -86,4 +91,6 @@ def _register_blueprints(app: Flask, settings: Settings) -> None:
     v1 = Blueprint(PROTECTED_BLUEPRINT, __name__, url_prefix="/v1")
     v1.register_blueprint(models.bp)
     v1.register_blueprint(chat.bp)
+    v1.register_blueprint(messages.bp)
+    v1.register_blueprint(responses.bp)
     app.register_blueprint(v1)
