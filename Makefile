@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format bench system-deps
+.PHONY: run test lint format bench system-deps agents
 
 # `make run`: the gateway under gunicorn, exactly as in production (see README).
 run: $(VENV)/.runtime
@@ -31,10 +31,16 @@ bench: $(VENV)/.dev
 	@command -v wrk >/dev/null || $(call apt_install,wrk)
 	$(BIN)/python -m bench.run
 
+# tests/agents runs the real Claude Code and Codex CLIs: the tests npm-install the pinned
+# versions into .cache/agents themselves (`make agents` does it ahead of time).
+agents: $(VENV)/.dev system-deps
+	$(BIN)/python -c "from tests.agents.clis import install_agents; install_agents()"
+
 # The end-to-end tier starts a real redis-server and a real Prometheus (tests/monitoring,
 # which also runs promtool); install them when missing.
 system-deps:
 	@command -v redis-server >/dev/null || $(call apt_install,redis-server)
+	@command -v npm >/dev/null || $(call apt_install,nodejs npm)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(call apt_install,prometheus)
 
 $(VENV)/.runtime: requirements.txt
