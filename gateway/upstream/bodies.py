@@ -26,7 +26,7 @@ from gateway.record import RequestRecord
 from gateway.upstream.connection import Exchange
 from gateway.upstream.dialect import StreamTranslator
 from gateway.upstream.scrub import Scrubber
-from gateway.upstream.sse import SseData, UsageChunks, text_bytes
+from gateway.upstream.sse import EventTooLargeError, SseData, UsageChunks, text_bytes
 
 PIECE_BYTES = 64 * 1024
 # An answer this short is read whole before the client gets its status line, so that a
@@ -214,7 +214,7 @@ class TranslatedSseRelay(_AnswerRelay):
                 payloads = events.feed(scrubber.feed(piece))
                 if out := b"".join([translator.feed(data) for data in payloads]):
                     yield out
-        except (*READ_ERRORS, AnswerTooLargeError) as exc:
+        except (*READ_ERRORS, AnswerTooLargeError, EventTooLargeError) as exc:
             if self._exchange.ended_by == CLIENT_GONE:
                 return
             error = self._fail(exc)

@@ -45,6 +45,7 @@ from gateway.upstream.providers import (
 )
 from gateway.upstream.router import Plan, Router
 from gateway.upstream.scrub import Scrubber, SecretMask
+from gateway.upstream.sse import EventTooLargeError
 
 NO_CLIENT = Client()  # the Flask test client and dev server hand over no socket
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -345,7 +346,7 @@ class UpstreamClient:
             return GatewayError(
                 504, f"The upstream did not complete its answer within {self.total_timeout:g} s."
             )
-        if isinstance(exc, AnswerTooLargeError):
+        if isinstance(exc, (AnswerTooLargeError, EventTooLargeError)):
             record.upstream_error = "too_large"
             return GatewayError(502, "The upstream's answer is larger than the gateway relays.")
         if isinstance(exc, requests.Timeout) or _caused_by_read_timeout(exc):

@@ -147,35 +147,63 @@ def _no_choices(fields: dict[str, msgspec.Raw]) -> bool:
         return False
 
 
+class EventTooLargeError(Exception):
+    """One event of a stream to translate is longer than MAX_TRANSLATED_EVENT_BYTES."""
+
+
+# An event is translated whole, so it is held whole: a provider's 1 MB tool call fits, a
+# stream that never ends its event is cut here rather than at MAX_RESPONSE_BODY_BYTES.
+MAX_TRANSLATED_EVENT_BYTES = 16 * 1024 * 1024
+
+
 class SseData:
     """Splits an event stream into its events' `data` payloads, whatever the pieces' cuts.
 
     Fed the provider's pieces; returns the payloads of the events each one completes (the
     `data:` lines of an event joined with "\\n", as the SSE spec says). Comments, `event:`,
     `id:` and `retry:` lines are not needed by a translator and are left out. What is held
-    is at most one event, and the stream as a whole is bounded by MAX_RESPONSE_BODY_BYTES.
+    is at most one event, kept as a list of pieces (no copy per piece however long it is)
+    and at most MAX_TRANSLATED_EVENT_BYTES.
     """
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._held: list[bytes] = []
+        self._size = 0
 
     def feed(self, piece: bytes) -> list[bytes]:
-        buffer = self._pending + piece if self._pending else piece
+        if self._held:
+            # The held bytes hold no boundary: one can only end in the new piece.
+            if _BOUNDARY.search(self._held[-1][-3:] + piece) is None:
+                self._hold(piece)
+                return []
+            buffer, search_from = b"".join([*self._held, piece]), max(0, self._size - 3)
+            self._held, self._size = [], 0
+        else:
+            buffer, search_from = piece, 0
         payloads: list[bytes] = []
         start = 0
-        for found in _BOUNDARY.finditer(buffer, max(0, len(self._pending) - 3)):
+        for found in _BOUNDARY.finditer(buffer, search_from):
             data = _payload(buffer[start : found.start()])
             if data is not None:
                 payloads.append(data)
             start = found.end()
-        self._pending = buffer[start:]
+        if start < len(buffer):
+            self._hold(buffer[start:])
         return payloads
 
     def flush(self) -> list[bytes]:
         """The end of the stream: an unterminated last event still counts."""
-        rest, self._pending = self._pending, b""
+        rest = b"".join(self._held)
+        self._held, self._size = [], 0
         data = _payload(rest)
         return [data] if data is not None else []
+
+    def _hold(self, part: bytes) -> None:
+        self._held.append(part)
+        self._size += len(part)
+        if self._size > MAX_TRANSLATED_EVENT_BYTES:
+            self._held, self._size = [], 0
+            raise EventTooLargeError(f"an event of more than {MAX_TRANSLATED_EVENT_BYTES} bytes")
 
 
 def _payload(event: bytes) -> bytes | None:

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from gateway.config import Provider
 from gateway.record import RequestRecord
-from gateway.upstream.sse import SseData
+from gateway.upstream.sse import MAX_TRANSLATED_EVENT_BYTES, EventTooLargeError, SseData
 from tests.constants import GATEWAY_KEY, UNIT_UPSTREAM, UPSTREAM_KEY
 
 MESSAGES = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
@@ -236,3 +236,14 @@ def test_translated_answer_is_json_whatever_the_provider_labelled_it(
     assert answer.status_code == 200
     assert answer.mimetype == "application/json"
     assert answer.get_json()["usage"]["output_tokens"] == 2
+
+
+def test_an_event_that_never_ends_is_cut_without_copying_per_piece() -> None:
+    events = SseData()
+    piece = b"x" * 65536
+    events.feed(b"data: ")
+    with pytest.raises(EventTooLargeError):
+        for _ in range(MAX_TRANSLATED_EVENT_BYTES // len(piece) + 2):
+            assert events.feed(piece) == []
+    # What follows is read afresh.
+    assert events.feed(b"\n\ndata: ok\n\n") == [b"ok"]
