@@ -23,6 +23,7 @@ import msgspec
 from gateway.record import RequestRecord
 
 MAX_EVENT_BYTES = 64 * 1024
+USAGE_TAIL_BYTES = 4096
 # An empty line ends an event; lines end with CRLF, LF or CR.
 _BOUNDARY = re.compile(rb"\r\n\r\n|\r\r\n|\n\r\n|\r\n\n|\n\n|\r\r")
 _LONGEST_BOUNDARY = 4
@@ -48,6 +49,9 @@ class UsageChunks:
         self._pending = b""  # the start of an event whose end has not arrived
         self._passing = False  # relaying an event longer than MAX_EVENT_BYTES as it comes
         self._tail = b""  # while passing: its last bytes, where a boundary may begin
+        # While passing: the event's last USAGE_TAIL_BYTES. A Responses stream's
+        # response.completed carries the whole answer, then its usage near the end.
+        self._usage_tail = b""
 
     def feed(self, piece: bytes) -> bytes:
         relayed = self._events(piece)
@@ -71,6 +75,7 @@ class UsageChunks:
         if len(rest) > MAX_EVENT_BYTES:
             relayed.append(rest)
             self._pending, self._passing, self._tail = b"", True, rest[-_LONGEST_BOUNDARY:]
+            self._usage_tail = rest[-USAGE_TAIL_BYTES:]
         else:
             self._pending = rest
         return b"".join(relayed)
@@ -86,9 +91,13 @@ class UsageChunks:
         found = _BOUNDARY.search(window)
         if found is None:
             self._tail = window[-_LONGEST_BOUNDARY:]
+            self._usage_tail = (self._usage_tail + piece[-USAGE_TAIL_BYTES:])[-USAGE_TAIL_BYTES:]
             return piece, b""
         end = found.end() - len(self._tail)
-        self._passing, self._tail = False, b""
+        last = (self._usage_tail + piece[: max(0, end)])[-USAGE_TAIL_BYTES:]
+        if b'"usage"' in last:
+            self._record.note_usage(last)
+        self._passing, self._tail, self._usage_tail = False, b"", b""
         return piece[:end], piece[end:]
 
     def _event(self, event: bytes) -> bytes:

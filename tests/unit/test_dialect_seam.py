@@ -12,7 +12,12 @@ from flask.testing import FlaskClient
 
 from gateway.config import Provider
 from gateway.record import RequestRecord
-from gateway.upstream.sse import MAX_TRANSLATED_EVENT_BYTES, EventTooLargeError, SseData
+from gateway.upstream.sse import (
+    MAX_TRANSLATED_EVENT_BYTES,
+    EventTooLargeError,
+    SseData,
+    UsageChunks,
+)
 from tests.constants import GATEWAY_KEY, UNIT_UPSTREAM, UPSTREAM_KEY
 
 MESSAGES = {"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
@@ -247,3 +252,28 @@ def test_an_event_that_never_ends_is_cut_without_copying_per_piece() -> None:
             assert events.feed(piece) == []
     # What follows is read afresh.
     assert events.feed(b"\n\ndata: ok\n\n") == [b"ok"]
+
+
+@pytest.mark.parametrize("piece", [1000, 65536, 300_000])
+def test_the_usage_of_a_long_response_completed_event_is_counted(piece: int) -> None:
+    record = RequestRecord("r", "POST", "/v1/responses", "/v1/responses")
+    text = "y" * 200_000
+    completed = orjson.dumps(
+        {
+            "type": "response.completed",
+            "response": {
+                "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}],
+                "usage": {"input_tokens": 31, "output_tokens": 50_000, "total_tokens": 50_031},
+                "metadata": {},
+            },
+        }
+    )
+    stream = b"event: response.completed\ndata: " + completed + b"\n\n"
+    chunks = UsageChunks(record, remove=False)
+    relayed = b"".join(chunks.feed(stream[i : i + piece]) for i in range(0, len(stream), piece))
+    assert relayed == stream
+    assert record.usage == {
+        "prompt_tokens": 31,
+        "completion_tokens": 50_000,
+        "total_tokens": 50_031,
+    }
