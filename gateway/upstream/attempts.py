@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import requests
 from flask import Response
 from loguru import logger
 from werkzeug.datastructures import Headers
 
+from gateway.disconnects import DisconnectWatcher
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
 from gateway.upstream.bodies import Client, pieces
@@ -25,6 +26,8 @@ from gateway.upstream.connection import Exchange
 from gateway.upstream.dialect import Dialect, Leg
 from gateway.upstream.providers import (
     FALLBACK_SETTING,
+    AttemptObserver,
+    Target,
     in_arrears,
     is_stream,
     retry_after,
@@ -32,8 +35,61 @@ from gateway.upstream.providers import (
 )
 from gateway.upstream.router import Candidate, Plan, Router, Slot
 
-if TYPE_CHECKING:
-    from gateway.upstream.client import UpstreamClient
+
+class Exchanges(Protocol):
+    """What the loop needs of the upstream client: single exchanges with one provider.
+
+    A protocol rather than an import: the client drives the loop (`Attempts(client)`) and
+    the loop drives exchanges, never the other way round.
+    """
+
+    router: Router
+    observer: AttemptObserver
+    targets: Mapping[str, Target]
+    total_timeout: float
+    max_body: int
+    disconnects: DisconnectWatcher
+
+    def headers_for(
+        self, client_headers: Mapping[str, str] | Headers, record: RequestRecord
+    ) -> dict[str, str]: ...
+
+    def prepare(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
+    ) -> requests.PreparedRequest: ...
+
+    def send(
+        self,
+        prepared: requests.PreparedRequest,
+        record: RequestRecord,
+        exchange: Exchange,
+        target: Target,
+    ) -> requests.Response: ...
+
+    def answer(
+        self,
+        upstream: requests.Response,
+        body: Iterator[bytes],
+        record: RequestRecord,
+        exchange: Exchange,
+        *,
+        client: Client,
+        verdict: Verdict,
+        head_read: tuple[list[bytes], bool] | None = None,
+        leg: Leg | None = None,
+    ) -> Response: ...
+
+    def first_piece(
+        self, body: Iterator[bytes], record: RequestRecord, exchange: Exchange
+    ) -> tuple[list[bytes], bool]: ...
+
+    def read_head(
+        self,
+        body: Iterator[bytes],
+        record: RequestRecord,
+        exchange: Exchange,
+        limit: int | None = ...,
+    ) -> tuple[list[bytes], bool]: ...
 
 
 @dataclass
@@ -58,7 +114,7 @@ class _Failed:
 class Attempts:
     """The loop of one client: its exchanges, its router and its observer."""
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: Exchanges) -> None:
         self.client = client
         self.router = client.router
         self.observer = client.observer

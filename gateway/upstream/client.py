@@ -62,7 +62,9 @@ class UpstreamClient:
     ) -> None:
         self.router = router or Router(settings)
         self.observer = observer or NoObserver()
-        self.targets = {p.name: Target.of(p, settings) for p in settings.providers}
+        self.targets: Mapping[str, Target] = {
+            p.name: Target.of(p, settings) for p in settings.providers
+        }
         self.total_timeout = settings.upstream_total_timeout
         self.max_body = settings.max_response_body_bytes
         self.verify: bool | str = settings.upstream_ca_bundle or True
