@@ -285,7 +285,7 @@ class ResponsesDialect:
             name = provider.name
             return Leg(
                 "/responses",
-                edited(self.body, model=model),
+                edited(self.body, model=model, normalise=True),
                 on_first=lambda first: self.keeper.native(name, first),
                 stream_error=bridge.failed_event,
             )

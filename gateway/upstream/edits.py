@@ -24,12 +24,15 @@ def edited(
     model: str | None = None,
     defaults: Mapping[str, object] | None = None,
     include_usage: bool = False,
+    normalise: bool = False,
 ) -> bytes:
     """`body` with `model` replaced, `defaults` added where absent, usage asked for.
 
+    `normalise`: re-encoded at the top level even with nothing to change, so that a member
+    sent twice reaches the provider once, as the gateway read it (the last).
     The body must already have been checked to be a JSON object (chat.parse_head).
     """
-    if model is None and not defaults and not include_usage:
+    if model is None and not defaults and not include_usage and not normalise:
         return body
     fields = _TOP_LEVEL.decode(body)
     if model is not None:

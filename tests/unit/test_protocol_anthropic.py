@@ -442,10 +442,21 @@ def test_stream_and_usage(stream: bool, usage: bool) -> None:
 # ---------------------------------------------------------------- native_body, known_betas
 
 
-def test_native_body_unchanged_is_the_same_object() -> None:
+def test_native_body_unchanged_keeps_its_bytes() -> None:
     raw = body(system="You are Claude Code.")
-    assert anthropic.native_body(raw, model=None) is raw
-    assert anthropic.native_body(raw, model="claude-sonnet-4-5") is raw
+    assert anthropic.native_body(raw, model=None) == raw
+    assert anthropic.native_body(raw, model="claude-sonnet-4-5") == raw
+
+
+def test_native_body_sends_a_member_given_twice_once_as_the_gateway_read_it() -> None:
+    raw = (
+        b'{"model": "denied", "max_tokens": 5, '
+        b'"messages": [{"role": "user", "content": "x"}], "model": "allowed"}'
+    )
+    assert anthropic.parse(raw).model == "allowed"
+    sent = anthropic.native_body(raw, model=None)
+    assert sent.count(b'"model"') == 1
+    assert orjson.loads(sent)["model"] == "allowed"
 
 
 def test_native_body_rewrites_only_the_model_and_the_billing_header() -> None:

@@ -30,30 +30,27 @@ _TEXT_BLOCK = msgspec.json.Decoder(_TextBlock)
 
 
 def native_body(body: bytes, *, model: str | None) -> bytes:
-    """`body` with `model` replaced and Claude Code's billing-header system block removed;
-    the very same bytes when neither applies."""
-    if model is None and _MARK not in body:
-        return body
+    """`body` with `model` replaced and Claude Code's billing-header system block removed.
+
+    Always re-encoded at the top level (each value keeps its bytes): a body with a member
+    twice (`"model": "denied", ..., "model": "allowed"`) was checked by its last one, and a
+    provider whose parser keeps the first must not see the other.
+    """
     try:
         fields = _TOP_LEVEL.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise ProtocolError("The request body must be a JSON object.") from None
-    changed = False
     if model is not None:
-        encoded = _ENCODER.encode(model)
-        if bytes(fields.get("model", b"")) != encoded:
-            fields["model"] = msgspec.Raw(encoded)
-            changed = True
+        fields["model"] = msgspec.Raw(_ENCODER.encode(model))
     system = fields.get("system")
     if system is not None and _MARK in bytes(system):
         kept = _without_billing_header(system)
         if kept is not None:
-            changed = True
             if kept:
                 fields["system"] = msgspec.Raw(_ENCODER.encode(kept))
             else:
                 del fields["system"]
-    return _ENCODER.encode(fields) if changed else body
+    return _ENCODER.encode(fields)
 
 
 def _without_billing_header(system: msgspec.Raw) -> list[msgspec.Raw] | None:
