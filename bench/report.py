@@ -62,6 +62,9 @@ class Result:
     calibration: Measurement | None = None
     # How this run's scenario differs from the one its targets are written for (--quick).
     note: str = ""
+    # Dialect scenarios: the same upstream chat stream relayed by the same gateway, in the
+    # same run; `gateway` is then the translated (or bridged) stream.
+    chat: Measurement | None = None
 
 
 Check = Callable[[Result], bool]
@@ -211,6 +214,81 @@ def table(results: Sequence[Result]) -> tuple[str, list[str]]:
     return "\n".join(lines), missed
 
 
+# Issues #14 and #15: a translated stream costs at most this much CPU over the chat relay.
+DIALECT_CPU_LIMIT = 1.5
+
+
+def _over_chat(result: Result) -> float:
+    chat = result.chat
+    if chat is None or not chat.requests or not result.gateway.requests:
+        return float("inf")
+    return result.gateway.cpu_per_request / chat.cpu_per_request
+
+
+DialectRow = tuple[str, str, str, str, str, str, bool | None]
+
+
+def _dialect_rows(r: Result) -> list[DialectRow]:
+    """(metric, direct chat, gateway chat, gateway dialect, dialect/chat, target, met)."""
+    d, c, g = r.direct, r.chat, r.gateway
+    assert c is not None
+    cpu = f"<= {DIALECT_CPU_LIMIT}x chat relayed"
+    over = _over_chat(r)
+    rows: list[DialectRow] = [
+        ("streams/s", *(f"{m.rps:,.0f}" for m in (d, c, g)), _ratio(g.rps, c.rps), "", None),
+        (
+            "CPU ms/stream",
+            "—",
+            f"{c.cpu_per_request * 1000:.3f}",
+            f"{g.cpu_per_request * 1000:.3f}",
+            f"**{over:.2f}x**" if math.isfinite(over) else "—",
+            cpu,
+            over <= DIALECT_CPU_LIMIT,
+        ),
+    ]
+    for which in ("p50", "p99"):
+        shown = [_ttfb_shown(m, d, which) for m in (d, c, g)]
+        ratio = _ratio(getattr(g, f"ttfb_{which}"), getattr(c, f"ttfb_{which}"))
+        rows.append((f"TTFB {which} ms", *shown, ratio, "", None))
+    errors = [f"{m.errors}{m.error_detail}" for m in (d, c, g)]
+    rows.append(("errors", *errors, "—", "0, bodies checked", c.errors + g.errors == 0))
+    # One process serves both, alternating: one peak.
+    rows.append(("peak RSS MB", "—", "(same process)", f"{g.peak_rss / MB:.1f}", "—", "", None))
+    return rows
+
+
+def dialect_table(results: Sequence[Result]) -> tuple[str, list[str]]:
+    """Translated streams against the same chat stream relayed: the table, targets missed."""
+    if not results:
+        return "", []
+    lines = [
+        "| scenario | metric | direct (chat) | gateway: chat relayed | gateway: translated"
+        " | translated/chat | target | met? |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    missed = []
+    for result in results:
+        for metric, *values, target, met in _dialect_rows(result):
+            verdict = "" if met is None else "yes" if met else "**NO**"
+            if met is False:
+                missed.append(f"{result.scenario} {metric} (target {target})")
+            lines.append(
+                "| " + " | ".join([result.scenario, metric, *values, target, verdict]) + " |"
+            )
+    return "\n".join(lines), missed
+
+
+def dialect_ratios(results: Sequence[Result]) -> str:
+    """One line: each translated stream's CPU over the same chat stream relayed."""
+    found = [f"{r.scenario} {_over_chat(r):.2f}x" for r in results if r.chat is not None]
+    if not found:
+        return ""
+    return (
+        "Gateway CPU per translated stream over the same chat stream relayed (same gateway,"
+        f" same run; target <= {DIALECT_CPU_LIMIT}x): " + ", ".join(found) + "."
+    )
+
+
 def floor_ratios(results: Sequence[Result]) -> str:
     """One line: the gateway's CPU per request over the floor of its own stack."""
     found = [
@@ -244,5 +322,11 @@ LEGEND = """\
   percentiles count every stream (failed ones too; "none" when the percentile falls on a
   stream that never got a byte). *CPU µs/chunk*: CPU over all SSE events received;
   *CPU ms/request* is that times the events of one full stream.
+- *messages-/responses-stream-N*: the stream-N chat stream asked for through
+  `/v1/messages` (translated) or `/v1/responses` (bridged, `store: false`), alternating
+  with that chat stream relayed in one gateway process (chat, translated, translated, chat,
+  half the stream duration each); *translated/chat* is the CPU per stream of the one over
+  the other. Translated bodies carry fresh ids: they are
+  checked (every text piece in order, the closing event), not compared byte for byte.
 - JSON load: wrk (1 thread, keep-alive). Streams: bench/streams.py, keep-alive connections
   running streams back to back; every body is compared with the upstream's bytes."""

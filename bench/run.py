@@ -33,6 +33,7 @@ import orjson
 
 from bench import profile
 from bench.calibration import calibration_command, gunicorn_values
+from bench.dialects import DIALECTS
 from bench.procs import (
     BIN,
     PRODUCTION_COMMAND,
@@ -48,9 +49,18 @@ from bench.procs import (
     start_redis,
     start_upstream,
 )
-from bench.report import LEGEND, Measurement, Result, floor_ratios, percentile, table
+from bench.report import (
+    LEGEND,
+    Measurement,
+    Result,
+    dialect_ratios,
+    dialect_table,
+    floor_ratios,
+    percentile,
+    table,
+)
 from bench.streams import StreamStats, run_streams, stream_request
-from bench.upstream import completion, expected_stream
+from bench.upstream import completion, expected_stream, scripted_model
 from bench.wrk import require_wrk, run_wrk
 
 RESULTS = REPO / "bench" / "results"
@@ -80,6 +90,9 @@ class Scenario:
     calibrate: bool = False
     # Two workers sharing a redis-server for the limits, on all cores (not pinned).
     redis: bool = False
+    # Streams in a dialect of bench.dialects ("messages", "responses"), each compared with
+    # the same chat stream relayed by the same gateway; None: the chat stream of stream-N.
+    dialect: str | None = None
 
 
 SCENARIOS = {
@@ -90,13 +103,22 @@ SCENARIOS = {
         Scenario("stream-50", "stream", 50),
         Scenario("stream-200", "stream", 200),
         Scenario("stream-1000", "stream", 1000),
+        Scenario("messages-stream-50", "stream", 50, dialect="messages"),
+        Scenario("messages-stream-200", "stream", 200, dialect="messages"),
+        Scenario("responses-stream-50", "stream", 50, dialect="responses"),
+        Scenario("responses-stream-200", "stream", 200, dialect="responses"),
         Scenario("long-1000", "long", 1000, calibrate=True),
         Scenario("long-2000", "long", 2000, calibrate=True),
         Scenario("long-4000-redis", "long", 4000, redis=True),
     )
 }
-# The Redis scenario needs ~1 minute more and a redis-server: asked for by name only.
-DEFAULT_SCENARIOS = [name for name, s in SCENARIOS.items() if not s.redis]
+# The Redis scenario needs ~1 minute more and a redis-server: asked for by name only; of
+# the dialect scenarios, the defaults run the 200-stream ones.
+DEFAULT_SCENARIOS = [
+    name
+    for name, s in SCENARIOS.items()
+    if not s.redis and not (s.dialect and s.concurrency != 200)
+]
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,8 @@ class Bench:
         self.durations = QUICK if args.quick else FULL
 
     def run(self, scenario: Scenario, direct: Target) -> Result:
+        if scenario.dialect is not None:
+            return self.run_dialect(scenario, direct)
         print(f"== {scenario.name}: direct", flush=True)
         direct_measurement = self.measure(scenario, direct)
         print(f"== {scenario.name}: gateway", flush=True)
@@ -182,6 +206,45 @@ class Bench:
             cores,
             calibration=calibration_measurement,
             note=self.note(scenario),
+        )
+
+    def run_dialect(self, scenario: Scenario, direct: Target) -> Result:
+        """The chat stream direct, then through one gateway both relayed and in the dialect.
+
+        Through the gateway the two alternate, chat / dialect / dialect / chat, each for half
+        the stream duration, so that other load on a shared machine and whatever the
+        process's age changes fall on both alike.
+        """
+        chat = dataclasses.replace(scenario, dialect="chat")
+        print(f"== {scenario.name}: direct (chat)", flush=True)
+        direct_measurement = self.measure(chat, direct)
+        half = self.durations.stream / 2
+        stats = {"chat": StreamStats(), "dialect": StreamStats()}
+        cpu = dict.fromkeys(stats, 0.0)
+        with self.gateway(scenario.name) as gateway, PeakRss(gateway.server_pid) as rss:
+            self._stream_stats(chat, gateway, 0, warmup=True)
+            self._stream_stats(scenario, gateway, 0, warmup=True)
+            tree = process_tree(gateway.server_pid)
+            for role in ("chat", "dialect", "dialect", "chat"):
+                print(f"== {scenario.name}: gateway, {role} ({half:g} s)", flush=True)
+                before = cpu_seconds(tree)
+                self._stream_stats(chat if role == "chat" else scenario, gateway, half, stats[role])
+                cpu[role] += cpu_seconds(tree) - before
+        chat_measurement, dialect_measurement = (
+            dataclasses.replace(
+                _stream_measurement(stats[role]),
+                cpu_seconds=cpu[role],
+                peak_rss=rss.peak,
+                peak_pss=rss.peak_pss,
+            )
+            for role in ("chat", "dialect")
+        )
+        return Result(
+            scenario.name,
+            direct_measurement,
+            dialect_measurement,
+            1 if self.cores.pinned else self.cores.available,
+            chat=chat_measurement,
         )
 
     def note(self, scenario: Scenario) -> str:
@@ -304,18 +367,41 @@ class Bench:
     def _stream_load(
         self, scenario: Scenario, target: Target, seconds: float, warmup: bool
     ) -> Measurement:
+        return _stream_measurement(self._stream_stats(scenario, target, seconds, warmup=warmup))
+
+    def _stream_stats(
+        self,
+        scenario: Scenario,
+        target: Target,
+        seconds: float,
+        stats: StreamStats | None = None,
+        warmup: bool = False,
+    ) -> StreamStats:
+        """Streams back to back on `concurrency` connections; added to `stats` if given."""
+        stats = StreamStats() if stats is None else stats
+        earlier = stats.seconds
+        if scenario.dialect is None:
+            request = stream_request(target.port, target.key, STREAM_BODY)
+            expected = expected_stream(MODEL, CHUNKS)
+        else:
+            dialect = DIALECTS[scenario.dialect]
+            model = scripted_model(MODEL, CHUNKS, CHUNK_DELAY)
+            request = dialect.request(target.port, target.key, model)
+            expected = dialect.expected(model, CHUNKS)
         # A warm-up is one stream per connection: it starts the gateway's threads and pool.
         stats = asyncio.run(
             run_streams(
                 target.port,
-                request=stream_request(target.port, target.key, STREAM_BODY),
-                expected=expected_stream(MODEL, CHUNKS),
+                request=request,
+                expected=expected,
                 concurrency=scenario.concurrency,
                 seconds=60 if warmup else seconds,
                 per_connection=1 if warmup else 10_000,
+                stats=stats,
             )
         )
-        return _stream_measurement(stats)
+        stats.seconds += earlier  # run_streams sets the time of its own run
+        return stats
 
     def _long_load(self, scenario: Scenario, target: Target, warmup: bool) -> Measurement:
         """One stream per client, all arriving within the ramp; each bounded by a timeout.
@@ -554,7 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if any(s.kind == "json" for s in args.scenarios) or args.profile:
+    profiled = [SCENARIOS[args.profile]] if args.profile else []
+    if any(s.kind == "json" for s in [*args.scenarios, *profiled]):
         require_wrk()
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Thousands of client sockets in this process (the stream client).
@@ -585,7 +672,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(header: str, results: list[Result], profile_section: str, seconds: float) -> str:
-    rendered, missed = table(results)
+    rendered, missed = table([r for r in results if r.chat is None])
+    dialects, dialects_missed = dialect_table([r for r in results if r.chat is not None])
+    missed += dialects_missed
     verdict = (
         "All targets in this run are met."
         if not missed
@@ -593,9 +682,11 @@ def render(header: str, results: list[Result], profile_section: str, seconds: fl
     )
     parts = (
         header,
-        rendered,
+        rendered if len(rendered.splitlines()) > 2 else "",
+        dialects,
         verdict,
         floor_ratios(results),
+        dialect_ratios(results),
         LEGEND,
         profile_section,
         f"Whole run: {seconds:.0f} s.",

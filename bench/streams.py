@@ -2,8 +2,9 @@
 
 A small asyncio Protocol per connection decodes HTTP/1.1 (chunked, Content-Length or
 close-delimited), times each stream to its first body byte and to its end, and compares the
-decoded body with the bytes the upstream sent. Bounded by a deadline, a per-connection
-stream count and a per-stream timeout.
+decoded body with the bytes the upstream sent (or, for a translated stream whose ids differ
+on every call, asks a check function). Bounded by a deadline, a per-connection stream count
+and a per-stream timeout.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _HEAD_END = b"\r\n\r\n"
+# What a stream's body must be: the exact bytes, or a check of the decoded body.
+Expected = bytes | Callable[[bytes], bool]
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class StreamStats:
 class _StreamConnection(asyncio.Protocol):
     """One connection; `send()` starts a stream and returns a future for its outcome."""
 
-    def __init__(self, request: bytes, expected: bytes, stats: StreamStats) -> None:
+    def __init__(self, request: bytes, expected: Expected, stats: StreamStats) -> None:
         self.request = request
         self.expected = expected
         self.stats = stats
@@ -195,10 +199,15 @@ class _StreamConnection(asyncio.Protocol):
         done_at = time.perf_counter()
         if error is None and self.status != 200:
             error = f"status {self.status}"
-        if error is None and self.body != self.expected:
+        if error is None and not self._body_ok():
             error = "body differs from the upstream's"
         self.state = "done"
         waiter.set_result(self.outcome(done_at, error))
+
+    def _body_ok(self) -> bool:
+        if isinstance(self.expected, bytes):
+            return self.body == self.expected
+        return self.expected(bytes(self.body))
 
     def outcome(self, done_at: float, error: str | None) -> StreamOutcome:
         ttfb = self.first_byte_at - self.sent_at if self.first_byte_at else math.inf
@@ -210,7 +219,7 @@ async def run_streams(
     port: int,
     *,
     request: bytes,
-    expected: bytes,
+    expected: Expected,
     concurrency: int,
     seconds: float,
     per_connection: int = 1000,
@@ -268,9 +277,12 @@ def _timeout_kind(connection: _StreamConnection) -> str:
     return "timeout before first byte"
 
 
-def stream_request(port: int, key: str, body: bytes) -> bytes:
+def stream_request(
+    port: int, key: str, body: bytes, path: bytes = b"/v1/chat/completions", extra: bytes = b""
+) -> bytes:
+    """One POST; `extra` is more header lines, each ending in CRLF."""
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-        b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n%s"
         b"Accept: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
-    ) % (port, key.encode(), len(body), body)
+    ) % (path, port, key.encode(), extra, len(body), body)

@@ -8,6 +8,10 @@ chunks are paced with `loop.call_later`, not a coroutine per stream.
     POST /v1/chat/completions  {"model": "m"}                     -> one JSON answer
     POST /v1/chat/completions  {"model": "m", "stream": true,
                                 "fake": {"chunks": 20, "delay": 0.02}} -> SSE, chunked
+    POST /v1/chat/completions  {"model": "m-20x20ms", "stream": true}  -> the same SSE
+
+The script may ride in the model name because the gateway's Messages and Responses
+translators send a provider only the fields they map: `fake` never arrives through them.
 
 HTTP/1.1 keep-alive; `Connection: close` is honoured. Run it alone with
 `python -m bench.upstream --port 9100`; it prints `listening on <port>` once ready.
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import re
 from typing import Any
 
 import orjson
@@ -38,6 +43,23 @@ _SSE_HEAD = (
 _CHUNKED_END = b"0\r\n\r\n"
 # Longest request head and body the fake buffers before it gives up on a connection.
 _MAX_REQUEST = 1 << 20
+# A stream's script in the model name: "<anything>-<chunks>x<delay ms>ms".
+_SCRIPTED_MODEL = re.compile(r"-(\d{1,5})x(\d{1,5})ms$")
+
+
+def scripted_model(base: str, chunks: int, delay: float) -> str:
+    """A model name that asks the fake for `chunks` events `delay` seconds apart."""
+    return f"{base}-{chunks}x{round(delay * 1000)}ms"
+
+
+def _script(payload: dict[str, Any], model: str) -> tuple[int, float]:
+    """(chunks, delay): from the body's `fake`, else from the model name, else 3 at once."""
+    fake = payload.get("fake")
+    if isinstance(fake, dict):
+        return int(fake.get("chunks", 3)), float(fake.get("delay", 0))
+    if (found := _SCRIPTED_MODEL.search(model)) is not None:
+        return int(found.group(1)), int(found.group(2)) / 1000
+    return 3, 0.0
 
 
 def sse_event(index: int, model: str) -> bytes:
@@ -164,10 +186,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if payload.get("stream") is not True:
             self.transport.write(_json_response(200, completion(model)))
             return
-        script = payload.get("fake") or {}
-        self._start_stream(
-            _stream_frames(model, int(script.get("chunks", 3))), float(script.get("delay", 0))
-        )
+        chunks, delay = _script(payload, model)
+        self._start_stream(_stream_frames(model, chunks), delay)
 
     def _start_stream(self, frames: tuple[bytes, ...], delay: float) -> None:
         assert self.transport is not None
