@@ -72,9 +72,11 @@ def _parse(body: bytes, *, counting: bool = False) -> anthropic.MessagesRequest:
 
 def error_shape(status: int, message: str, code: str | None) -> tuple[int, bytes]:
     """The gateway's own errors on these routes, in Anthropic's shape. With no provider left
-    to try, Anthropic's clients expect 529 overloaded_error (and retry it)."""
-    del code
-    status = 529 if status == 503 else status
+    to try (all full: 503; the last one unreachable or broken: 502, a status Anthropic's API
+    never answers), Anthropic's clients expect 529 overloaded_error, and retry it. A provider
+    refusing the gateway's own key is configuration, not load: it stays a 502 api_error."""
+    if status == 503 or (status == 502 and code != "provider_auth_failed"):
+        status = 529
     return status, anthropic.error_body(status, message)
 
 

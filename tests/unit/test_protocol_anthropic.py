@@ -920,7 +920,7 @@ def test_an_error_chunk_from_the_provider_becomes_an_error_event() -> None:
         (429, "rate_limit_error"),
         (500, "api_error"),
         (502, "api_error"),
-        (504, "api_error"),
+        (504, "timeout_error"),
         (503, "overloaded_error"),
         (529, "overloaded_error"),
     ],
