@@ -271,9 +271,7 @@ def _validate_limits_and_server(s: Settings) -> None:
     _require(s.max_response_body_bytes > 0, "MAX_RESPONSE_BODY_BYTES must be > 0")
     _require(s.gunicorn_workers >= 1, "GUNICORN_WORKERS must be >= 1")
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
-    _require(
-        0 < s.responses_ttl <= 366 * 86400, "RESPONSES_STORE_TTL must be > 0 and <= a year"
-    )
+    _require(0 < s.responses_ttl <= 366 * 86400, "RESPONSES_STORE_TTL must be > 0 and <= a year")
     _require(s.responses_memory_bytes >= 0, "RESPONSES_STORE_MEMORY_BYTES must be >= 0")
     # memory:// counters live inside one process: a second worker would double the limit.
     _require(
