@@ -7,7 +7,7 @@ that serves Messages itself, or translated to Chat Completions and back for any 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 from flask import Blueprint, Response, g, request
@@ -17,7 +17,7 @@ from gateway.errors import GatewayError
 from gateway.policy.enforce import admit, allow_model
 from gateway.protocols import anthropic
 from gateway.protocols.common import ProtocolError
-from gateway.upstream import Client, upstream_for
+from gateway.upstream import Client, Routed, upstream_for
 from gateway.upstream.dialect import Leg, StreamTranslator
 from gateway.upstream.router import Candidate
 
@@ -56,9 +56,24 @@ def count_tokens() -> Response:
     record.model = req.model
     allow_model(record)
     routed = upstream_for(record.model)
-    if routed.plan.candidates and routed.plan.candidates[0].provider.serves("messages"):
+    # Only providers that serve Messages can count; the others get the estimate, and so
+    # does a request whose native providers all failed: Claude Code would otherwise send
+    # 17 full calls instead.
+    native = tuple(c for c in routed.plan.candidates if c.provider.serves("messages"))
+    if native:
+        pinned = Routed(routed.client, replace(routed.plan, candidates=native))
         dialect = CountTokensDialect(body, request.query_string)
-        return routed.relay(dialect, record, request.headers, client=Client.of(request.environ))
+        try:
+            answer = pinned.relay(
+                dialect, record, request.headers, client=Client.of(request.environ)
+            )
+        except GatewayError as error:
+            if error.status == 499 or error.status < 500:
+                raise
+        else:
+            if answer.status_code < 500:
+                return answer
+            answer.close()
     counted = orjson.dumps({"input_tokens": anthropic.count_tokens(req)})
     return Response(counted, mimetype="application/json")
 

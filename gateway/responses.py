@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
+import msgspec
 from flask import Blueprint, Response, current_app, g, request
 from loguru import logger
 
@@ -49,6 +49,7 @@ def create() -> Response:
         raise GatewayError(400, exc.message, param=exc.param) from None
     record: RequestRecord = g.record
     record.model, record.stream = req.model, req.stream is True
+    _refuse_provider_references(body, req)
     previous = _previous(req)
     admit(record, body, req.max_output_tokens)
     record.inject_usage = record.stream  # a bridged stream asks; a native one reports unasked
@@ -91,19 +92,30 @@ def input_items(response_id: str) -> Response:
     entry = _owned(response_id)
     if entry.provider is not None:
         return _relay_native(entry, "GET", f"/responses/{response_id}/input_items")
-    items = list(entry.input)
-    if request.args.get("order", "desc") != "asc":
+    return _json(_page(list(entry.input)))
+
+
+def _page(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One page of input items, as OpenAI pages them: `order` (desc by default), `limit`
+    (1-100, 20), and the cursors `after` / `before` (an item id)."""
+    args = request.args
+    if args.get("order", "desc") != "asc":
         items.reverse()
-    limit = request.args.get("limit", "20")
-    shown = items[: int(limit)] if limit.isdigit() and 0 < int(limit) <= 100 else items[:20]
-    page = {
+    ids = [str(item.get("id")) for item in items]
+    if (after := args.get("after")) is not None:
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    elif (before := args.get("before")) is not None:
+        items = items[: ids.index(before)] if before in ids else []
+    limit = args.get("limit", "20")
+    count = int(limit) if limit.isdigit() and 0 < int(limit) <= 100 else 20
+    shown = items[:count]
+    return {
         "object": "list",
         "data": shown,
         "first_id": shown[0]["id"] if shown else None,
         "last_id": shown[-1]["id"] if shown else None,
-        "has_more": len(shown) < len(items),
+        "has_more": len(items) > len(shown),
     }
-    return _json(page)
 
 
 def add_retry_after(response: Response) -> Response:
@@ -138,6 +150,37 @@ def _owned(response_id: str) -> Stored:
     return entry
 
 
+class _References(msgspec.Struct):
+    """Top-level fields that name state kept at the provider, outside the gateway's store."""
+
+    conversation: msgspec.Raw = msgspec.Raw()
+
+
+_REFERENCES = msgspec.json.Decoder(_References)
+
+
+def _refuse_provider_references(body: bytes, req: bridge.ResponsesRequest) -> None:
+    """Every key shares the gateway's provider account: a `conversation` or an
+    `item_reference` would reach items another key made there. Turns are chained with
+    `previous_response_id`, whose owner the gateway checks."""
+    if bytes(_REFERENCES.decode(body).conversation) not in (b"", b"null"):
+        raise GatewayError(
+            400,
+            "'conversation' is not supported through the gateway; chain turns with "
+            "'previous_response_id'.",
+            param="conversation",
+            code="unsupported_parameter",
+        )
+    if isinstance(req.input, list) and any(i.type == "item_reference" for i in req.input):
+        raise GatewayError(
+            400,
+            "Input items of type 'item_reference' are not supported through the gateway; "
+            "send the items themselves or use 'previous_response_id'.",
+            param="input",
+            code="unsupported_parameter",
+        )
+
+
 def _previous(req: bridge.ResponsesRequest) -> Stored | None:
     if not req.previous_response_id:
         return None
@@ -152,20 +195,36 @@ def _previous(req: bridge.ResponsesRequest) -> Stored | None:
             param="previous_response_id",
             code="previous_response_not_found",
         )
+    if entry.provider is None and entry.conversation is None:
+        raise GatewayError(
+            400,
+            "The conversation up to that response is too long for the gateway to keep; "
+            "send the items you need as input instead.",
+            param="previous_response_id",
+            code="conversation_too_long",
+        )
     return entry
 
 
 def _pinned(routed: Routed, previous: Stored | None) -> Routed:
-    """A native provider holds the previous response: only its deployments can continue it."""
-    if previous is None or previous.provider is None:
+    """Where the previous response lives decides who can continue it: a native provider
+    holds its own (only its deployments), the gateway holds a bridged one (only providers
+    it bridges to, which get the stored history; a native one would get an id it never made).
+    """
+    if previous is None:
         return routed
-    kept = tuple(c for c in routed.plan.candidates if c.provider.name == previous.provider)
+    candidates = routed.plan.candidates
+    if previous.provider is not None:
+        kept = tuple(c for c in candidates if c.provider.name == previous.provider)
+    else:
+        kept = tuple(c for c in candidates if not c.provider.serves("responses"))
     if not kept:
         raise GatewayError(
-            404,
-            "The previous response was made by a provider this model no longer routes to.",
+            400,
+            "The previous response was made by a provider this model no longer routes to; "
+            "send the whole conversation as input instead.",
             param="previous_response_id",
-            code="previous_response_not_found",
+            code="previous_response_not_continuable",
         )
     return Routed(routed.client, replace(routed.plan, candidates=kept))
 
@@ -177,7 +236,12 @@ def _relay_native(entry: Stored, method: str, path: str) -> Response:
 
 
 def _json(value: Any) -> Response:
-    return Response(orjson.dumps(value), mimetype="application/json")
+    # msgspec, not orjson: stored items come from clients and may nest deeper than
+    # orjson's 254 levels; msgspec encodes what it decoded.
+    return Response(_ENCODER.encode(value), mimetype="application/json")
+
+
+_ENCODER = msgspec.json.Encoder()
 
 
 @dataclass
@@ -197,7 +261,7 @@ class _Keeper:
             return  # a failed response is not one to continue from
         self.kept = True
         own_input = bridge.input_items(self.req)
-        history = list(self.previous.conversation) if self.previous else []
+        history = list(self.previous.conversation or []) if self.previous else []
         output = list(response.get("output") or [])
         entry = Stored(
             owner=self.owner,
@@ -230,7 +294,7 @@ class ResponsesShape:
     def answer(self, body: bytes) -> bytes:
         response = bridge.from_chat(body, self.reply)
         self.keeper.bridged(response)
-        return orjson.dumps(response)
+        return _ENCODER.encode(response)
 
     def error(self, status: int, body: bytes) -> bytes:
         del status
@@ -255,6 +319,10 @@ class _KeptStream:
 
     def fail(self, status: int, message: str) -> bytes:
         return self.inner.fail(status, message)
+
+    @property
+    def failed(self) -> bool:
+        return self.inner.failed
 
     @property
     def usage(self) -> Mapping[str, int] | None:
@@ -294,7 +362,7 @@ class ResponsesDialect:
             model=candidate.upstream_model,
             provider_kind=provider.kind,
             include_usage=include_usage,
-            history=self.previous.conversation if self.previous else [],
+            history=(self.previous.conversation or []) if self.previous else [],
         )
         if dropped:
             logger.debug("built-in tools dropped for {}: {}", provider.name, ", ".join(dropped))

@@ -31,16 +31,22 @@ class Stored(msgspec.Struct, frozen=True):
     provider: str | None = None  # set: the provider holds it (native); None: the gateway does
     response: dict[str, Any] | None = None
     input: list[dict[str, Any]] = []
-    # Input and output items of every turn up to and including this one, oldest first.
-    conversation: list[dict[str, Any]] = []
+    # Input and output items of every turn up to and including this one, oldest first;
+    # None when it grew past MAX_CONVERSATION_BYTES (the response cannot be continued).
+    conversation: list[dict[str, Any]] | None = []
 
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(Stored)
 
 
+# A conversation (every turn's items, replayed by previous_response_id) longer than this is
+# not kept for replay: the response itself still is. The next turn gets a clear 400.
+MAX_CONVERSATION_BYTES = 8 * 1024 * 1024
+
+
 class _Backend(Protocol):
-    def put(self, key: str, value: bytes, ttl: float) -> None: ...
+    def put(self, key: str, value: bytes, ttl: float, owner: str) -> None: ...
 
     def get(self, key: str) -> bytes | None: ...
 
@@ -64,8 +70,11 @@ class ResponseStore:
 
     def put(self, response_id: str, entry: Stored) -> None:
         """Kept, or a warning: a failure to store never fails the answer already given."""
+        value = _ENCODER.encode(entry)
+        if len(value) > MAX_CONVERSATION_BYTES and entry.conversation:
+            value = _ENCODER.encode(msgspec.structs.replace(entry, conversation=None))
         try:
-            self.backend.put(_PREFIX + response_id, _ENCODER.encode(entry), self.ttl)
+            self.backend.put(_PREFIX + response_id, value, self.ttl, entry.owner)
         except Exception as exc:  # noqa: BLE001 - the storage is down; the answer stands
             logger.warning("stored response not kept: {}", type(exc).__name__)
 
@@ -92,22 +101,29 @@ class ResponseStore:
 
 
 class MemoryBackend:
-    """Entries in this process, oldest dropped first past `limit` bytes."""
+    """Entries in this process, oldest dropped first past `limit` bytes. One key may hold at
+    most a quarter of it (its own oldest go first), so one tenant cannot evict the rest."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        self._owner_limit = limit // 4
         self._size = 0
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()
+        self._owned: dict[str, OrderedDict[str, int]] = {}  # owner -> its keys and sizes
         self._lock = threading.Lock()
 
-    def put(self, key: str, value: bytes, ttl: float) -> None:
-        if len(value) > self._limit:
+    def put(self, key: str, value: bytes, ttl: float, owner: str) -> None:
+        if len(value) > self._owner_limit:
             logger.warning("stored response not kept: {} bytes, over the memory limit", len(value))
             return
         with self._lock:
             self._drop(key)
-            self._entries[key] = (time.monotonic() + ttl, value)
+            self._entries[key] = (time.monotonic() + ttl, value, owner)
+            self._owned.setdefault(owner, OrderedDict())[key] = len(value)
             self._size += len(value)
+            mine = self._owned[owner]
+            while sum(mine.values()) > self._owner_limit:
+                self._drop(next(iter(mine)))
             while self._size > self._limit:
                 self._drop(next(iter(self._entries)))
 
@@ -127,9 +143,15 @@ class MemoryBackend:
 
     def _drop(self, key: str) -> bool:
         found = self._entries.pop(key, None)
-        if found is not None:
-            self._size -= len(found[1])
-        return found is not None
+        if found is None:
+            return False
+        self._size -= len(found[1])
+        mine = self._owned.get(found[2])
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._owned[found[2]]
+        return True
 
 
 class RedisBackend:
@@ -138,7 +160,8 @@ class RedisBackend:
         storage: Any = storage_from_string(uri, socket_connect_timeout=1, socket_timeout=1)
         self._connection = storage.get_connection()
 
-    def put(self, key: str, value: bytes, ttl: float) -> None:
+    def put(self, key: str, value: bytes, ttl: float, owner: str) -> None:
+        del owner  # Redis bounds itself (maxmemory); each entry expires with its TTL
         self._connection.set(key, value, px=max(1, int(ttl * 1000)))
 
     def get(self, key: str) -> bytes | None:

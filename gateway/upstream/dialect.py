@@ -32,6 +32,11 @@ class StreamTranslator(Protocol):
     def fail(self, status: int, message: str) -> bytes: ...
 
     @property
+    def failed(self) -> bool:
+        """The stream ended in the dialect's error event: the provider's failure."""
+        ...
+
+    @property
     def usage(self) -> Mapping[str, int] | None: ...
 
 

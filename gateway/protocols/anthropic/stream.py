@@ -79,6 +79,8 @@ class StreamTranslator:
         self._reply = reply
         self._started = False
         self._done = False
+        self._failed = False  # ended by fail(): the answer is not whole
+        self._saw_done = False  # the provider sent [DONE]
         self._blocks = 0  # blocks started so far: the next block's index
         self._open: str | None = None  # "thinking", "text" or "tool"
         self._open_tool = -1  # provider index of the open tool call
@@ -98,6 +100,7 @@ class StreamTranslator:
         if self._done:
             return b""
         if data[:1] == b"[" and data.strip() == b"[DONE]":
+            self._saw_done = True
             return self.finish()
         try:
             chunk = _CHUNK.decode(data)
@@ -214,9 +217,12 @@ class StreamTranslator:
         return out + _STOP % index
 
     def finish(self) -> bytes:
-        """The provider's stream ended: close what is open, then message_delta and message_stop."""
+        """The provider's stream ended: close what is open, then message_delta and message_stop.
+        A stream that ended with neither a finish_reason nor [DONE] was cut short: `error`."""
         if self._done:
             return b""
+        if self._finish is None and not self._saw_done:
+            return self.fail(502, "The provider's stream ended before the answer was complete.")
         out = self._start(_Chunk())
         for index, pieces in list(self._nameless.items()):
             out += self._start_tool(index, "", "".join(pieces))
@@ -236,5 +242,10 @@ class StreamTranslator:
         """The provider broke off after the first byte was sent: Anthropic's `error` event."""
         if self._done:
             return b""
-        self._done = True
+        self._done = self._failed = True
         return error_event(status, message)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the stream ended in an `error` event (a provider failure, not the client)."""
+        return self._failed

@@ -109,11 +109,17 @@ class StreamTranslator:
         self._finish_reason: str | None = None
         self._usage: ChatUsage | None = None
         self._response: dict[str, Any] | None = None
+        self._failed = False
 
     @property
     def response(self) -> dict[str, Any] | None:
         """The final response object (completed, incomplete or failed) once the stream ended."""
         return self._response
+
+    @property
+    def failed(self) -> bool:
+        """Whether the stream ended in `response.failed` (the provider's failure)."""
+        return self._failed
 
     @property
     def usage(self) -> dict[str, int] | None:
@@ -156,6 +162,7 @@ class StreamTranslator:
         """End the stream with `response.failed`, keeping what was said so far."""
         if self._finished:
             return b""
+        self._failed = True
         out = [] if self._started else self._start()
         code = "rate_limit_exceeded" if status == 429 else "server_error"
         output = [self._done.get(i) or self._snapshot(i) for i in range(len(self._items))]
