@@ -383,4 +383,5 @@ class NativeCallDialect:
     query: bytes
 
     def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg:
-        return Leg(self.path, None, self.query, method=self.method)
+        # Reading a stored response again costs nothing: its usage is not this call's.
+        return Leg(self.path, None, self.query, method=self.method, counts_usage=False)

@@ -35,7 +35,7 @@ from gateway.upstream.bodies import (
     TranslatedSseRelay,
 )
 from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
-from gateway.upstream.dialect import AnswerShape, Dialect, Leg
+from gateway.upstream.dialect import AnswerShape, Dialect, Leg, as_chunk
 from gateway.upstream.headers import forwarded, relayable_headers, upstream_request_id
 from gateway.upstream.providers import (
     AttemptObserver,
@@ -47,6 +47,9 @@ from gateway.upstream.router import Plan, Router
 from gateway.upstream.scrub import Scrubber, SecretMask
 from gateway.upstream.sse import EventTooLargeError
 
+# A non-streamed answer is translated whole: held whole, so held to less than the relay
+# limit (a provider's 256 MB answer would be 256 MB per thread).
+MAX_TRANSLATED_ANSWER_BYTES = 32 * 1024 * 1024
 NO_CLIENT = Client()  # the Flask test client and dev server hand over no socket
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -151,6 +154,7 @@ class UpstreamClient:
         status = upstream.status_code
         shape = leg.shape if leg is not None else None
         on_first = leg.on_first if leg is not None and upstream.ok else None
+        counts_usage = upstream.ok and (leg is None or leg.counts_usage)
 
         def fail(exc: Exception | None) -> GatewayError:
             error = self._translate(exc, record, exchange, mid_body=True)
@@ -188,7 +192,14 @@ class UpstreamClient:
             return Response(sse, status=status, headers=headers)
         if shape is not None:
             return self._translated(
-                upstream, body, record, exchange, verdict=verdict, head_read=head_read, shape=shape
+                upstream,
+                body,
+                record,
+                exchange,
+                verdict=verdict,
+                head_read=head_read,
+                shape=shape,
+                leg_counts_usage=counts_usage,
             )
         try:
             head, complete = head_read or self.read_head(body, record, exchange)
@@ -208,13 +219,13 @@ class UpstreamClient:
                 fail=fail,
                 ended=verdict.succeeded,
                 client=client,
-                count_usage=upstream.ok,
+                count_usage=counts_usage,
             )
             return Response(rest, status=status, headers=headers)
         content = self.mask.whole(b"".join(head))
         exchange.release()
         verdict.succeeded()
-        if upstream.ok:
+        if counts_usage:
             record.note_usage(content)
         return Response(content, status=status, headers=headers)
 
@@ -228,12 +239,18 @@ class UpstreamClient:
         verdict: Verdict,
         head_read: tuple[list[bytes], bool] | None,
         shape: AnswerShape,
+        leg_counts_usage: bool = True,
     ) -> Response:
-        """A whole answer read (at most MAX_RESPONSE_BODY_BYTES), then translated."""
+        """A whole answer read (at most MAX_TRANSLATED_ANSWER_BYTES), then translated."""
         try:
             head, complete = head_read or self.read_head(body, record, exchange)
             if not complete:
-                head.extend(self.read_head(body, record, exchange, limit=None)[0])
+                rest, complete = self.read_head(
+                    body, record, exchange, limit=MAX_TRANSLATED_ANSWER_BYTES
+                )
+                head.extend(rest)
+            if not complete:
+                raise self._translate(AnswerTooLargeError("to translate"), record, exchange)
         except GatewayError as error:
             if error.status != 499:
                 verdict.failed(record.upstream_error or "protocol")
@@ -244,9 +261,16 @@ class UpstreamClient:
         if not upstream.ok:
             verdict.succeeded()
             return _json(shape.error(status, content), status, upstream, self.mask)
-        record.note_usage(content)
+        if leg_counts_usage:
+            record.note_usage(content)
         try:
-            translated = shape.answer(content)
+            if record.stream:  # a provider that ignored `stream`: the client still gets one
+                stream = shape.stream()
+                translated = b"".join(
+                    [stream.feed(as_chunk(content)), stream.feed(b"[DONE]"), stream.finish()]
+                )
+            else:
+                translated = shape.answer(content)
         except ValueError:
             verdict.failed("protocol")
             record.upstream_error = "protocol"
@@ -254,6 +278,13 @@ class UpstreamClient:
                 502, "The upstream sent an answer the gateway could not read."
             ) from None
         verdict.succeeded()
+        # Masked again: a translator decodes what the provider escaped (a key sent as
+        # "\\u0073k-..." is plain once translated).
+        translated = self.mask.whole(translated)
+        if record.stream:
+            headers = relayable_headers(upstream.headers, self.mask)
+            headers.update({**_STREAM_HEADERS, "Content-Type": "text/event-stream"})
+            return Response(translated, status=status, headers=headers)
         return _json(translated, status, upstream, self.mask)
 
     def first_piece(

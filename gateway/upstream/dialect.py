@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import orjson
+
 from gateway.upstream.edits import edited
 from gateway.upstream.router import Candidate
 
@@ -71,6 +73,8 @@ class Leg:
     # Shown the first bytes of a successful answer relayed as is (a native provider's
     # response id is read from them).
     on_first: Callable[[bytes], None] | None = None
+    # Whether the answer's usage is the request's cost (not so for reading a stored one).
+    counts_usage: bool = True
 
 
 class Dialect(Protocol):
@@ -96,3 +100,26 @@ class ChatDialect:
                 include_usage=include_usage,
             )
         return Leg(self.path, body, self.query, usage_asked=include_usage)
+
+
+def as_chunk(answer: bytes) -> bytes:
+    """A Chat Completions answer as the one stream chunk that says the same thing, for a
+    provider that answered JSON to a stream request (ValueError if it is no completion)."""
+    try:
+        whole = orjson.loads(answer)
+        choice = whole["choices"][0]
+        message = choice["message"]
+        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
+    except (orjson.JSONDecodeError, LookupError, TypeError, AttributeError) as exc:
+        raise ValueError("not a chat completion") from exc
+    delta = {key: message.get(key) for key in ("role", "content", "reasoning_content")}
+    if calls:
+        delta["tool_calls"] = calls
+    chunk = {
+        "id": whole.get("id"),
+        "object": "chat.completion.chunk",
+        "model": whole.get("model"),
+        "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}],
+        "usage": whole.get("usage"),
+    }
+    return orjson.dumps(chunk)

@@ -188,3 +188,84 @@ def test_a_messages_stream_with_done_but_no_finish_reason_still_completes() -> N
     out += translator.feed(b"[DONE]") + translator.finish()
     assert b"message_stop" in out
     assert not translator.failed
+
+
+def _escaped(secret: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in secret)
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/responses"])
+def test_a_provider_key_sent_escaped_is_masked_once_translated(
+    mixed: FlaskClient, route: str
+) -> None:
+    leak = (
+        '{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,'
+        '"message":{"role":"assistant","content":"key: ' + _escaped(UPSTREAM_KEY) + '"},'
+        '"finish_reason":"stop"}]}'
+    )
+    body = (
+        {"model": "c", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        if route == "/v1/messages"
+        else {"model": "c", "input": "hi"}
+    )
+    with responses.RequestsMock() as upstream:
+        upstream.post(f"{CHAT}/chat/completions", body=leak, content_type="application/json")
+        answer = mixed.post(route, json=body, headers=AUTH)
+    assert answer.status_code == 200
+    assert UPSTREAM_KEY not in answer.get_data(as_text=True)
+    assert "key: sk-" in answer.get_data(as_text=True)  # masked, not dropped
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/responses"])
+def test_a_provider_ignoring_stream_still_gives_the_client_a_stream(
+    mixed: FlaskClient, route: str
+) -> None:
+    body = (
+        {
+            "model": "c",
+            "max_tokens": 20,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        if route == "/v1/messages"
+        else {"model": "c", "input": "hi", "stream": True}
+    )
+    with responses.RequestsMock() as upstream:
+        upstream.post(f"{CHAT}/chat/completions", json=CHAT_ANSWER)
+        answer = mixed.post(route, json=body, headers=AUTH)
+    assert answer.status_code == 200
+    assert answer.mimetype == "text/event-stream"
+    text = answer.get_data(as_text=True)
+    assert "hello" in text
+    last = "message_stop" if route == "/v1/messages" else "response.completed"
+    assert text.rstrip().splitlines()[-2].endswith(last) or last in text.rstrip().splitlines()[-1]
+
+
+def test_reading_a_stored_native_response_is_not_charged_again(mixed: FlaskClient) -> None:
+    native = {
+        "id": "resp_native_1",
+        "object": "response",
+        "status": "completed",
+        "output": [],
+        "usage": {"input_tokens": 500, "output_tokens": 700, "total_tokens": 1200},
+    }
+    app = mixed.application
+    with responses.RequestsMock() as upstream:
+        upstream.post(f"{NATIVE}/responses", json=native)
+        upstream.get(f"{NATIVE}/responses/resp_native_1", json=native)
+        made = mixed.post("/v1/responses", json={"model": "n", "input": "hi"}, headers=AUTH)
+        assert made.status_code == 200
+        made.close()  # the request is logged and counted when its response is closed
+        got = mixed.get("/v1/responses/resp_native_1", headers=AUTH)
+        assert got.status_code == 200
+        got.close()
+        assert len(upstream.calls) == 2
+    tokens = app.extensions["gateway.metrics"].tokens
+    samples = {
+        s.labels["kind"]: s.value
+        for metric in tokens.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    assert samples.get("prompt") == 500
+    assert samples.get("completion") == 700
