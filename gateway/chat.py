@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 from flask import Blueprint, Response, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from gateway.errors import GatewayError
 from gateway.policy.enforce import admit
+from gateway.record import count_of
 from gateway.upstream import Client, upstream_for
 from gateway.upstream.dialect import ChatDialect
 from gateway.upstream.edits import asked_for_usage
@@ -37,7 +40,7 @@ def _relay(path: str) -> Response:
     record.model = head.model
     record.stream = head.stream is True
     # The key's model list and token windows: refused here, before any upstream call.
-    admit(record, body, _max_tokens(head))
+    admit(record, body, _max_tokens(head), choices=_choices(head))
     # Every stream is asked for its usage (its cost): the client sends each attempt's body
     # with include_usage added when the client did not ask, and the relay takes the usage
     # back out, so the client gets the provider's bytes unchanged. Otherwise the body goes
@@ -82,12 +85,7 @@ def read_body() -> bytes:
 
 
 class RequestHead(msgspec.Struct):
-    """The only fields the gateway reads from a request body.
-
-    Decoding into this skips every other value without building it, so memory stays the
-    body's own size whatever its shape: `orjson.loads` on 10 MB of tiny JSON objects built
-    over 300 MB of Python objects just to read `model`.
-    """
+    """The only fields the gateway reads from a request body."""
 
     model: str | None = None
     stream: bool | None = None
@@ -95,34 +93,124 @@ class RequestHead(msgspec.Struct):
     # value only the provider understands is the provider's to refuse.
     max_tokens: msgspec.Raw = msgspec.Raw()
     max_completion_tokens: msgspec.Raw = msgspec.Raw()
+    n: msgspec.Raw = msgspec.Raw()
+    best_of: msgspec.Raw = msgspec.Raw()  # /completions: generated server-side, billed
 
 
 def _max_tokens(head: RequestHead) -> int | None:
     for raw in (head.max_completion_tokens, head.max_tokens):
-        text = bytes(raw).strip()
-        if text.isdigit() and len(text) <= 9:
-            return int(text)
+        if (count := _lenient_count(raw)) is not None:
+            return count
     return None
 
 
+def _choices(head: RequestHead) -> int:
+    """How many completions the request may be billed for: `n`, or `best_of` if more."""
+    return max(1, _lenient_count(head.n) or 1, _lenient_count(head.best_of) or 1)
+
+
+def _lenient_count(raw: msgspec.Raw) -> int | None:
+    """A count as a lenient provider reads it (vLLM's pydantic takes `1e3`, `1000.0` and
+    `"1000"`), rounded up and capped: reserving for it costs nothing if it is refused."""
+    text = bytes(raw).strip()
+    if text.startswith(b'"'):
+        try:
+            text = msgspec.json.decode(text, type=str).strip().encode()
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+    return count_of(text)
+
+
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_HEAD_FIELDS = RequestHead.__struct_fields__
 _HEAD_DECODER = msgspec.json.Decoder(RequestHead)
+_HEAD_ENCODER = msgspec.json.Encoder()
+# A member's name and its colon; what follows a value: a comma, or the closing brace.
+_MEMBER_NAME = re.compile(rb'\s*"((?:[^"\\]|\\.)*)"\s*:\s*')
+_AFTER_VALUE = re.compile(rb"\s*([,}])")
 
 
 def parse_head(body: bytes) -> RequestHead:
+    """The fields the gateway reads, from a body refused unless it is a JSON object with
+    each member once.
+
+    The top level is decoded into raw values (each value's own bytes, nothing built), so
+    memory stays the body's own size whatever its shape: `orjson.loads` on 10 MB of tiny
+    JSON objects built over 300 MB of Python objects just to read `model`.
+    """
     try:
-        head = _HEAD_DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _invalid_field(str(exc)) from None
+        fields = _TOP_LEVEL.decode(body)
+    except msgspec.ValidationError:
+        raise GatewayError(
+            400, "The request body must be a JSON object.", code="invalid_body"
+        ) from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        raise _unparsable() from None
+    if (twice := repeated_member(body, fields)) is not None:
+        # The gateway checks one of the two and relays both: a provider that keeps the
+        # other (many parsers keep the first) would serve what the gateway never allowed.
         raise GatewayError(
             400,
-            "We could not parse the JSON body of your request. Send a JSON object with "
-            "'Content-Type: application/json'.",
-            code="invalid_json",
-        ) from None
+            f"The request body has the member '{twice[:100]}' more than once: send it once.",
+            param=twice[:100],
+            code="duplicate_member",
+        )
+    read = {name: fields[name] for name in _HEAD_FIELDS if name in fields}
+    try:  # a few small values: the body is not decoded again
+        head = _HEAD_DECODER.decode(_HEAD_ENCODER.encode(read))
+    except msgspec.ValidationError as exc:
+        raise _invalid_field(str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # a raw value's own bytes, now read
+        raise _unparsable() from None
     if head.model is None or not head.model.strip():
         raise _missing_model("missing_model" if head.model is None else "invalid_model")
     return head
+
+
+def repeated_member(body: bytes, fields: dict[str, msgspec.Raw]) -> str | None:
+    """The name of a top-level member `body` has twice, if any.
+
+    `fields` is `body` decoded, which keeps a name's last value. One walk over the top
+    level checks each value in place against it: a name met again, or a value that is not
+    the one kept (the first of a repeated name), is the answer. Each member costs a short
+    regex and a compare of its value's bytes, never a parse.
+    """
+    if not fields:
+        return None
+    at = body.index(b"{") + 1
+    seen: set[str] = set()
+    for _ in range(len(body)):  # each turn moves past one member
+        member = _MEMBER_NAME.match(body, at)
+        if member is None:
+            return "?"  # not reached for a body the decoder read, whatever its members
+        name = _member_name(member[1])
+        kept = fields.get(name)
+        at = member.end()
+        if name in seen or kept is None or not body.startswith(bytes(kept), at):
+            return name
+        seen.add(name)
+        after = _AFTER_VALUE.match(body, at + len(kept))
+        if after is None:
+            return name  # the kept value is a prefix of this one: another value
+        if after[1] == b"}":
+            return None
+        at = after.end()
+    return None
+
+
+def _member_name(quoted: bytes) -> str:
+    if b"\\" not in quoted:  # the usual name: no escapes to undo
+        return quoted.decode()
+    return msgspec.json.decode(b'"' + quoted + b'"', type=str)  # "m\u006fdel" is "model"
+
+
+def _unparsable() -> GatewayError:
+    return GatewayError(
+        400,
+        "We could not parse the JSON body of your request. Send a JSON object with "
+        "'Content-Type: application/json'.",
+        code="invalid_json",
+    )
 
 
 def _invalid_field(problem: str) -> GatewayError:

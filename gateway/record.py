@@ -6,14 +6,15 @@ gone, and the stream still has to record its first byte, its usage and its error
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 
-_TOKEN_FIELDS = re.compile(
-    rb'"(prompt_tokens|completion_tokens|total_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)'
-)
+import msgspec
+
 # Messages and Responses name them otherwise; the gateway counts in Chat Completions' names.
 _NAMES = {
     "input_tokens": "prompt_tokens",
@@ -24,6 +25,14 @@ _NAMES = {
 }
 # A provider's count above this is not believed (it would overflow Redis's counters).
 MAX_REPORTED_TOKENS = 100_000_000
+# `"usage": {`, and the strings and braces of what follows (strings may hold braces).
+_USAGE_MEMBER = re.compile(rb'"usage"\s*:\s*\{')
+_STRING_OR_BRACE = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}]')
+_USAGE_MAX_BYTES = 16 * 1024
+_USAGE_TRIES = 8
+_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# A JSON number that is not negative.
+_NUMBER = re.compile(rb"(\d+(?:\.\d+)?)(?:[eE]([+-]?)\d+)?")
 
 
 @dataclass
@@ -86,18 +95,52 @@ class RequestRecord:
 
 
 def usage_in(body: bytes) -> dict[str, int] | None:
-    # A regex over the bytes after the last "usage" key, not a full JSON parse: a large
-    # embeddings answer is relayed untouched and should not be decoded just to be logged.
-    at = body.rfind(b'"usage"')
-    if at < 0:
+    """The counts of the last `"usage": {...}` object in `body`, in the gateway's names.
+
+    Only the usage object is decoded, not the body around it: a large embeddings answer
+    is relayed untouched and should not be decoded just to be logged. Its own members are
+    read (not the `*_details` inside it), whatever form their numbers take.
+    """
+    at = len(body)
+    for _ in range(_USAGE_TRIES):  # the last few "usage" strings: one is the member
+        at = body.rfind(b'"usage"', 0, at)
+        if at < 0:
+            return None
+        if (found := _usage_at(body, at)) is not None:
+            return found
+    return None
+
+
+def _usage_at(body: bytes, at: int) -> dict[str, int] | None:
+    member = _USAGE_MEMBER.match(body, at)
+    if member is None:
+        return None
+    start, depth = member.end() - 1, 0
+    for part in _STRING_OR_BRACE.finditer(body, start, start + _USAGE_MAX_BYTES):
+        depth += {b"{": 1, b"}": -1}.get(part[0], 0)
+        if depth == 0:
+            break
+    else:
+        return None  # unterminated, or longer than any usage object
+    try:
+        fields = _OBJECT.decode(body[start : part.end()])
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     found: dict[str, int] = {}
-    for name, value in _TOKEN_FIELDS.findall(body, at, at + 600):
-        # The first of each: a Responses usage's details come after its counts.
-        found.setdefault(_NAMES[name.decode()], _count(value))
+    for name, raw in fields.items():
+        if (ours := _NAMES.get(name)) is not None and (count := count_of(bytes(raw))) is not None:
+            found[ours] = count
     return found or None
 
 
-def _count(digits: bytes) -> int:
-    # Capped before int(): a provider's 5,000-digit number would raise ValueError.
-    return MAX_REPORTED_TOKENS if len(digits) > 9 else min(int(digits), MAX_REPORTED_TOKENS)
+def count_of(number: bytes) -> int | None:
+    """A JSON number as a whole count: `1.2e3` and `1200.0` are 1200, a fraction is
+    rounded up, the value capped at MAX_REPORTED_TOKENS; None if not a number >= 0."""
+    if (found := _NUMBER.fullmatch(number)) is None:
+        return None
+    try:  # Decimal: exact, and a 5,000-digit number is no error
+        value = Decimal(number.decode())
+    except InvalidOperation:  # an exponent past Decimal's range: tiny or huge
+        tiny = found[2] == b"-" or not found[1].strip(b"0.")
+        return (1 if found[1].strip(b"0.") else 0) if tiny else MAX_REPORTED_TOKENS
+    return MAX_REPORTED_TOKENS if value >= MAX_REPORTED_TOKENS else math.ceil(value)

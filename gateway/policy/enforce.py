@@ -20,7 +20,7 @@ from gateway.limits import openai_duration
 from gateway.metrics import GatewayMetrics
 from gateway.policy.keys import Caller
 from gateway.policy.tokens import Reservation, TokenBudget, windows_at
-from gateway.policy.usage import reservation, settle_usage
+from gateway.policy.usage import reservation, settle_usage, worst_output
 from gateway.record import RequestRecord
 
 
@@ -39,19 +39,52 @@ def allow_model(record: RequestRecord) -> None:
         )
 
 
-def admit(record: RequestRecord, body: bytes, max_tokens: int | None) -> None:
-    """Refuse a model the key may not use or a key whose tokens are spent; else reserve."""
+def admit(record: RequestRecord, body: bytes, max_tokens: int | None, *, choices: int = 1) -> None:
+    """Refuse a model the key may not use, a key whose tokens are spent, or a request whose
+    worst case (`choices` times `max_tokens`) is more than is left of a quota; else reserve."""
     allow_model(record)
     caller: Caller = g.caller
     metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     budget: TokenBudget = current_app.extensions["gateway.tokens"]
     record.prompt_bytes = len(body)
-    held = g.tokens = budget.reserve(caller, reservation(len(body), max_tokens))
+    held = g.tokens = budget.reserve(caller, reservation(len(body), max_tokens, choices))
     if held.full is not None:
         reason = "tpm" if held.full == "minute" else "quota"
         metrics.key_rejections.labels(caller.label, reason).inc()
         raise _spent(held)
+    if over := _over_quota(held, worst_output(max_tokens, choices)):
+        # Released at once: the reservation is atomic, so a request that saw only what
+        # came before it is exact; one that saw another's reservation about to be released
+        # is refused too (rarely, and never the other way round).
+        budget.settle(held, 0)
+        g.tokens = None
+        metrics.key_rejections.labels(caller.label, "quota").inc()
+        raise over
     record.on_complete.append(partial(_settle, budget, held))
+
+
+def _over_quota(held: Reservation, output: int) -> GatewayError | None:
+    """The day's or month's quota cannot cover what the request may generate.
+
+    Only the declared output counts here: the prompt's estimate (a token per 4 bytes) is
+    too rough to refuse on, and a request that declares no limit is admitted while the
+    quota is not spent, then charged what it used."""
+    for index, window in enumerate(held.windows):
+        limit = held.caller.token_limit(window.name)
+        if window.name == "minute" or not limit or not output:
+            continue
+        left = max(0, limit - (held.used[index] - held.reserved))
+        if output > left:
+            return GatewayError(
+                429,
+                f"This request may generate up to {output} tokens (max_tokens for each of "
+                f"its choices), more than the {left} left of this key's token quota for "
+                f"the {window.name} (UTC). Lower max_tokens or n.",
+                code="insufficient_quota",
+                kind="insufficient_quota",
+                headers={"x-should-retry": "false"},
+            )
+    return None
 
 
 def _settle(budget: TokenBudget, held: Reservation, record: RequestRecord) -> None:

@@ -20,9 +20,15 @@ def tokens_for(body_bytes: int) -> int:
     return math.ceil(body_bytes / 4)
 
 
-def reservation(body_bytes: int, max_tokens: int | None) -> int:
-    """What a request holds while in flight: its estimated prompt plus its max_tokens."""
-    return tokens_for(body_bytes) + min(max_tokens or 0, MAX_REPORTED_TOKENS)
+def reservation(body_bytes: int, max_tokens: int | None, choices: int = 1) -> int:
+    """What a request holds while in flight: its estimated prompt plus its worst case."""
+    return tokens_for(body_bytes) + worst_output(max_tokens, choices)
+
+
+def worst_output(max_tokens: int | None, choices: int = 1) -> int:
+    """The most a request may generate: `max_tokens` for each of its `n` (or `best_of`)
+    choices, capped (a provider's own limit is far below it)."""
+    return min(MAX_REPORTED_TOKENS, max(1, choices) * max(0, max_tokens or 0))
 
 
 def charge(usage: dict[str, int]) -> int:
@@ -34,7 +40,12 @@ def charge(usage: dict[str, int]) -> int:
 def settle_usage(record: RequestRecord) -> int:
     """Fill in `record.usage` (estimated if the provider reported none); return its cost."""
     if record.usage:
-        return charge(record.usage)
+        # One number: the access line's total is what the key pays (without a total, the
+        # parts it shows add up to it).
+        cost = charge(record.usage)
+        if "total_tokens" in record.usage:
+            record.usage = {**record.usage, "total_tokens": cost}
+        return cost
     if not _provider_worked(record):
         return 0
     prompt = tokens_for(record.prompt_bytes)

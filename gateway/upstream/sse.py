@@ -1,17 +1,20 @@
 """Taking the gateway's own usage back out of an event stream.
 
 When the gateway adds `stream_options.include_usage` to a stream the client did not ask
-usage for, OpenAI-style providers send two things the client would not have received: a
-last chunk with `"choices": []` and the `usage`, and a `"usage": null` member in every other
-chunk. `UsageChunks` removes both, so the client gets exactly the bytes the provider would
-have sent it, and records the usage. For a stream whose client asked for usage itself it
-only reads the events (`remove=False`): each piece goes on at once, unchanged, and the
-usage is recorded however the provider's pieces cut its chunk.
+usage for, OpenAI-style providers send what the client would not have received: a last
+chunk with the `usage` and `"choices": []` (LiteLLM: `[{"index":0,"delta":{}}]`), or the
+`usage` on the chunk with the `finish_reason`, and a `"usage": null` member in every other
+chunk. `UsageChunks` removes exactly those (the whole usage chunk, else only the member),
+so the client gets the bytes the provider would have sent it, and records the usage. For a
+stream whose client asked for usage itself it only reads the events (`remove=False`): each
+piece goes on at once, unchanged, and the usage is recorded however the provider's pieces
+cut its chunk.
 
-It works on whole SSE events: bytes up to the end of the current event are held (at most
-one event, and at most `MAX_EVENT_BYTES` of it; a longer event is relayed as it comes). An
-event it does not fully understand (several lines, not JSON, a `usage` that is neither null
-nor the gateway's chunk) is relayed unchanged.
+It works on whole SSE events, whatever their other fields (`id:`, `event:`, comments), line
+endings, or number of `data:` lines: bytes up to the end of the current event are held (at
+most one event, and at most `MAX_EVENT_BYTES` of it; a longer event is relayed as it
+comes). An event it does not fully understand (not JSON, a `usage` that is neither null
+nor an object) is relayed unchanged.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ USAGE_TAIL_BYTES = 4096
 # An empty line ends an event; lines end with CRLF, LF or CR.
 _BOUNDARY = re.compile(rb"\r\n\r\n|\r\r\n|\n\r\n|\r\n\n|\n\n|\r\r")
 _LONGEST_BOUNDARY = 4
-_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+_CHOICES = msgspec.json.Decoder(list[dict[str, msgspec.Raw]])
+# A value that says nothing: what a usage chunk's choice holds.
+_EMPTY = frozenset({b"null", b"{}", b"[]", b'""'})
 # The text of a stream's deltas, for estimates when no usage comes: content, reasoning,
 # tool-call arguments, and legacy completions' text.
 _TEXT = re.compile(rb'"(?:content|reasoning_content|arguments|text)"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -52,6 +56,8 @@ class UsageChunks:
         # While passing: the event's last USAGE_TAIL_BYTES. A Responses stream's
         # response.completed carries the whole answer, then its usage near the end.
         self._usage_tail = b""
+        # The provider reported usage on a chunk before its finish: usage it sends unasked.
+        self._reports_unasked = False
 
     def feed(self, piece: bytes) -> bytes:
         relayed = self._events(piece)
@@ -68,8 +74,7 @@ class UsageChunks:
         start = 0
         # The held bytes hold no boundary: one can only end in the new piece.
         for found in _BOUNDARY.finditer(buffer, max(0, len(self._pending) - 3)):
-            event = buffer[start : found.end()]
-            relayed.append(self._event(event) if b'"usage"' in event else event)
+            relayed.append(self._event(buffer[start : found.end()]))
             start = found.end()
         rest = buffer[start:]
         if len(rest) > MAX_EVENT_BYTES:
@@ -81,9 +86,15 @@ class UsageChunks:
         return b"".join(relayed)
 
     def flush(self) -> bytes:
-        """The end of the stream: an unterminated last event goes as it is."""
+        """The end of the stream: an unterminated last event is handled as any other."""
         rest, self._pending = self._pending, b""
-        return rest if self._remove else b""  # when only reading, it went on as it came
+        if self._passing:
+            self._passing = False
+            if b'"usage"' in self._usage_tail:
+                self._record.note_usage(self._usage_tail)
+            return b""
+        kept = self._event(rest)
+        return kept if self._remove else b""  # when only reading, it went on as it came
 
     def _pass(self, piece: bytes) -> tuple[bytes, bytes]:
         """Relay `piece` up to the end of the long event; return it and what follows."""
@@ -101,59 +112,134 @@ class UsageChunks:
         return piece[:end], piece[end:]
 
     def _event(self, event: bytes) -> bytes:
-        line = _data_line(event)
-        if line is None:  # relayed unchanged, but a usage in it is still the answer's cost
+        """What the client receives of one whole event (its blank line included)."""
+        if b'"usage"' not in event:
+            return event
+        data = _DataLines(event)
+        if not data.spans:  # relayed unchanged, but a usage in it is still the answer's cost
             self._record.note_usage(event)
             return event
-        prefix, payload, ending = line
         try:
-            fields = _TOP_LEVEL.decode(payload)
+            fields = _TOP_LEVEL.decode(data.payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return event
-        usage = fields.get("usage")
-        if usage is None:
-            return event
-        if bytes(usage) == b"null":
-            if not self._remove:
+        usage = bytes(fields.get("usage", b"")).strip()
+        if usage != b"null":  # a count, or one inside (Responses' response.completed)
+            self._record.note_usage(data.payload)
+        if usage != b"null" and not usage.startswith(b"{"):
+            return event  # no usage member, or one the gateway would not have added
+        return self._without_ours(data, fields, usage) if self._remove else event
+
+    def _without_ours(
+        self, data: _DataLines, fields: dict[str, msgspec.Raw], usage: bytes
+    ) -> bytes:
+        """The event without the usage the gateway asked for, if that is what it carries."""
+        if usage == b"null":
+            return data.without_usage(fields) or data.event
+        if _only_empty_choices(fields):
+            return b""  # the gateway's usage chunk: all of it is the gateway's
+        if not _finished(fields):  # usage mid-answer: the provider's own, sent unasked
+            self._reports_unasked = True
+            return data.event
+        if self._reports_unasked:
+            return data.event
+        return data.without_usage(fields) or data.event  # on the finish chunk: the member
+
+
+class _DataLines:
+    """An event's `data:` lines: their payload (joined with "\\n", as SSE says) and where
+    each line's part of it sits in the event, so that an edit of the payload maps back."""
+
+    def __init__(self, event: bytes) -> None:
+        self.event = event
+        self.spans: list[tuple[int, int]] = []
+        self.others: list[bytes] = []
+        at = 0
+        for line in event.splitlines(keepends=True):
+            text = line.rstrip(b"\r\n")
+            if text.startswith(b"data:"):
+                skip = 6 if text.startswith(b"data: ") else 5
+                self.spans.append((at + skip, at + len(text)))
+            else:
+                self.others.append(line)
+            at += len(line)
+        self.payload = b"\n".join(event[start:end] for start, end in self.spans)
+
+    def without_usage(self, fields: dict[str, msgspec.Raw]) -> bytes | None:
+        """The event without its top-level `usage` member, byte for byte otherwise."""
+        expected = [(k, bytes(v)) for k, v in fields.items() if k != "usage"]
+        value = re.escape(bytes(fields["usage"]))
+        member = re.compile(
+            rb',\s*"usage"\s*:\s*' + value + rb'|"usage"\s*:\s*' + value + rb"\s*,?"
+        )
+        for found in reversed(list(member.finditer(self.payload))):
+            candidate = self.payload[: found.start()] + self.payload[found.end() :]
+            try:
+                left = _TOP_LEVEL.decode(candidate)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            # A nested usage removed instead would leave the top-level one in place.
+            if [(k, bytes(v)) for k, v in left.items()] != expected:
+                continue
+            event = self._cut(found.start(), found.end())
+            # Kept only if it is that payload with the same other lines: a cut across a
+            # line between two data lines would have taken the provider's bytes too.
+            edited = _DataLines(event)
+            if edited.payload == candidate and edited.others == self.others:
                 return event
-            stripped = _without_null_usage(payload, fields)
-            return event if stripped is None else prefix + stripped + ending
-        self._record.note_usage(payload)
-        return b"" if self._remove and _no_choices(fields) else event
-
-
-def _data_line(event: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """`data: <payload><line ends>` split in three, if the event is that one line."""
-    line = event.rstrip(b"\r\n")
-    if b"\n" in line or b"\r" in line or not line.startswith(b"data:"):
         return None
-    prefix = b"data: " if line.startswith(b"data: ") else b"data:"
-    return prefix, line[len(prefix) :], event[len(line) :]
+
+    def _cut(self, start: int, end: int) -> bytes:
+        return self.event[: self._where(start)] + self.event[self._where(end) :]
+
+    def _where(self, offset: int) -> int:
+        """The event offset of payload `offset` (the joining "\\n" is the next line's start)."""
+        for begin, end in self.spans:
+            if offset <= end - begin:
+                return begin + offset
+            offset -= end - begin + 1
+        return len(self.event)
 
 
-def _without_null_usage(payload: bytes, fields: dict[str, msgspec.Raw]) -> bytes | None:
-    """`payload` without its top-level `"usage": null` member, byte for byte otherwise."""
-    expected = [(k, bytes(v)) for k, v in fields.items() if k != "usage"]
-    for found in reversed(list(_NULL_USAGE.finditer(payload))):
-        candidate = payload[: found.start()] + payload[found.end() :]
-        try:
-            left = _TOP_LEVEL.decode(candidate)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            continue
-        # A nested "usage": null removed instead would leave the top-level one in place.
-        if [(k, bytes(v)) for k, v in left.items()] == expected:
-            return candidate
-    return None
+def _finished(fields: dict[str, msgspec.Raw]) -> bool:
+    """A choice of this chunk has its finish_reason."""
+    return any(bytes(c.get("finish_reason", b"null")) != b"null" for c in _choices(fields))
 
 
-def _no_choices(fields: dict[str, msgspec.Raw]) -> bool:
+def _only_empty_choices(fields: dict[str, msgspec.Raw]) -> bool:
+    """`choices` is there and says nothing: `[]`, or LiteLLM's `[{"index":0,"delta":{}}]`."""
     choices = fields.get("choices")
     if choices is None:
         return False
     try:
-        return _LIST.decode(choices) == []
+        listed = _CHOICES.decode(choices)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False
+    return all(_says_nothing(choice) for choice in listed)
+
+
+def _says_nothing(choice: dict[str, msgspec.Raw]) -> bool:
+    for name, raw in choice.items():
+        value = bytes(raw).strip()
+        if name == "index" or value in _EMPTY:
+            continue
+        try:  # a delta of nulls: {"content": null, "role": null}
+            inner = _TOP_LEVEL.decode(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        if any(bytes(v).strip() != b"null" for v in inner.values()):
+            return False
+    return True
+
+
+def _choices(fields: dict[str, msgspec.Raw]) -> list[dict[str, msgspec.Raw]]:
+    choices = fields.get("choices")
+    if choices is None:
+        return []
+    try:
+        return _CHOICES.decode(choices)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
 
 
 class EventTooLargeError(Exception):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import orjson
 import pytest
 import responses
@@ -13,6 +15,8 @@ from gateway.upstream.sse import MAX_EVENT_BYTES, UsageChunks, text_bytes
 from tests.constants import UNIT_UPSTREAM
 from tests.fake_upstream import expected_stream, sse_chunk, usage_chunk
 from tests.unit.support import MakeApp, ScriptedAnswer
+
+_ABSENT = object()
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_CHAT = f"{UNIT_UPSTREAM}/chat/completions"
@@ -89,8 +93,7 @@ def test_only_the_top_level_null_usage_is_taken_out(payload: bytes, expected: by
         b": keep-alive\n\n",
         b'data: {"usage": null, oops\n\n',  # not JSON
         b'data: ["usage", null]\n\n',  # not an object
-        b'event: usage\ndata: {"usage":null}\n\n',  # two lines
-        b'data: {"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}\n\n',  # has choices
+        b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"prompt_tokens":1}}\n\n',
         b'data: {"usage":{"prompt_tokens":1}}\n\n',  # no choices at all
         b'data: {"choices":"none","usage":{"prompt_tokens":1}}\n\n',
         b'data: {"usage":0}\n\n',
@@ -102,10 +105,10 @@ def test_an_event_it_does_not_understand_is_relayed_unchanged(event: bytes) -> N
     assert body == event
 
 
-def test_an_unterminated_last_event_is_relayed_as_it_is() -> None:
+def test_an_unterminated_last_event_is_handled_as_any_other() -> None:
     body, _ = strip([b'data: {"id":"a","usage":null}'])
 
-    assert body == b'data: {"id":"a","usage":null}'
+    assert body == b'data: {"id":"a"}'
 
 
 def test_a_huge_event_is_relayed_as_it_comes_without_being_held() -> None:
@@ -135,8 +138,19 @@ def test_usage_in_every_chunk_is_charged_once_with_the_last_count() -> None:
         (b'{"prompt_tokens":1' + b"0" * 40 + b"}", {"prompt_tokens": MAX_REPORTED_TOKENS}),
         (b'{"prompt_tokens":' + b"9" * 5000 + b"}", {"prompt_tokens": MAX_REPORTED_TOKENS}),
         (b'{"prompt_tokens":"many"}', None),
-        (b'{"prompt_tokens":1.5}', {"prompt_tokens": 1}),
-        (b'{"prompt_tokens":1e9}', {"prompt_tokens": 1}),
+        (b'{"prompt_tokens":1.5}', {"prompt_tokens": 2}),  # rounded up, never down
+        (b'{"prompt_tokens":1e9}', {"prompt_tokens": MAX_REPORTED_TOKENS}),
+        (
+            b'{"prompt_tokens":1.2e3,"completion_tokens":12.0}',
+            {"prompt_tokens": 1200, "completion_tokens": 12},
+        ),
+        (
+            b'{"prompt_tokens":12E+1,"completion_tokens":5e-1}',
+            {"prompt_tokens": 120, "completion_tokens": 1},
+        ),
+        (b'{"prompt_tokens":1e99999999999999999999}', {"prompt_tokens": MAX_REPORTED_TOKENS}),
+        # Its own members only: a detail's count is not the prompt's.
+        (b'{"prompt_tokens_details":{"prompt_tokens":9},"prompt_tokens":3}', {"prompt_tokens": 3}),
     ],
 )
 def test_odd_numbers_from_a_provider_never_crash_or_overflow(
@@ -224,9 +238,105 @@ def test_a_client_that_asked_is_charged_its_usage_chunk_whatever_the_pieces(
     assert "usage_estimated" not in line
 
 
-def test_the_usage_of_an_event_with_several_lines_is_still_counted() -> None:
+def test_the_usage_chunk_of_an_event_with_several_lines_is_removed_whole() -> None:
     event = b"id: 9\n" + usage_chunk("m", USAGE)
     body, rec = strip([sse_chunk(0, "m"), event])
 
-    assert body == sse_chunk(0, "m") + event  # not understood: relayed unchanged
+    assert body == sse_chunk(0, "m")
     assert rec.usage == USAGE
+
+
+# --- every shape of event a provider sends, at every cut ----------------------------------
+FINISHED = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def _chunk(index: int, *, finish: bool = False, usage: object = _ABSENT) -> dict:
+    choice = {"index": 0, "delta": {"content": f"t{index}"}, "finish_reason": None}
+    if finish:
+        choice["finish_reason"] = "stop"
+    chunk: dict = {"id": "c", "object": "chat.completion.chunk", "choices": [choice]}
+    if usage is not _ABSENT:
+        chunk["usage"] = usage
+    return chunk
+
+
+def _provider_stream(shape: str, *, asked: bool) -> bytes:
+    """What a provider sends with include_usage (`asked`) and without, in `shape`."""
+    chunks = [_chunk(i, usage=None) if asked else _chunk(i) for i in range(2)]
+    if shape == "on the finish chunk":
+        chunks.append(_chunk(2, finish=True, usage=FINISHED) if asked else _chunk(2, finish=True))
+    else:
+        chunks.append(_chunk(2, finish=True, usage=None) if asked else _chunk(2, finish=True))
+        if asked:
+            choices: list = [{"index": 0, "delta": {}}] if shape == "litellm" else []
+            chunks.append({"id": "c", "choices": choices, "usage": FINISHED})
+    events = [_event(shape, n, orjson.dumps(c)) for n, c in enumerate(chunks)]
+    if shape == "unterminated":  # the last event's blank line never comes
+        return b"".join(events).removesuffix(b"\n\n")
+    return b"".join([*events, _event(shape, 99, b"[DONE]")])
+
+
+def _event(shape: str, number: int, payload: bytes) -> bytes:
+    if shape == "id and event lines":
+        return b"id: %d\nevent: chunk\n: comment\ndata: %b\n\n" % (number, payload)
+    if shape == "CRLF":
+        return b"data: %b\r\n\r\n" % payload
+    if shape == "CR":
+        return b"data:%b\r\r" % payload
+    if shape == "usage over two data lines" and (cut := payload.find(b'"usage"')) > 0:
+        return b"data: %b\ndata: %b\n\n" % (payload[:cut], payload[cut:])
+    return b"data: %b\n\n" % payload
+
+
+SHAPES = [
+    "id and event lines",
+    "CRLF",
+    "CR",
+    "usage over two data lines",
+    "on the finish chunk",
+    "unterminated",
+    "litellm",
+]
+
+
+def _cuts(stream: bytes) -> Iterator[list[bytes]]:
+    yield [stream[i : i + 1] for i in range(len(stream))]
+    for cut in range(1, len(stream)):
+        yield [stream[:cut], stream[cut:]]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_client_that_did_not_ask_gets_the_providers_bytes_without_usage(shape: str) -> None:
+    sent, unasked = _provider_stream(shape, asked=True), _provider_stream(shape, asked=False)
+    if shape == "usage over two data lines":
+        # `"usage": null` goes with the line end before it: the chunk is one line again.
+        unasked = _provider_stream("plain", asked=False)
+    if shape == "unterminated":  # the usage chunk went, with the blank line it lacked
+        unasked += b"\n\n"
+    for pieces in _cuts(sent):
+        body, rec = strip(pieces)
+        assert body == unasked, pieces
+        assert rec.usage == FINISHED, pieces
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_client_that_asked_gets_every_byte_and_is_charged(shape: str) -> None:
+    sent = _provider_stream(shape, asked=True)
+    for pieces in _cuts(sent):
+        rec = record()
+        ours = UsageChunks(rec, remove=False)
+        body = b"".join(ours.feed(p) for p in pieces) + ours.flush()
+        assert body == sent, pieces
+        assert rec.usage == FINISHED, pieces
+
+
+def test_a_provider_that_reports_usage_unasked_keeps_it_on_its_finish_chunk() -> None:
+    counts = [{"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n} for n in (1, 2)]
+    events = [
+        b"data: " + orjson.dumps(_chunk(0, usage=counts[0])) + b"\n\n",
+        b"data: " + orjson.dumps(_chunk(1, finish=True, usage=counts[1])) + b"\n\n",
+    ]
+    body, rec = strip(events)
+
+    assert body == b"".join(events)
+    assert rec.usage == counts[1]
