@@ -9,7 +9,9 @@ that drips a non-streamed answer a byte at a time never trips the read timeout a
 One watcher thread per worker process waits, with epoll, for end-of-file on the client
 sockets of the requests in flight, and keeps their deadlines. When either comes, it calls
 back with `CLIENT_GONE` or `DEADLINE`, and the exchange shuts its upstream socket down,
-which ends whatever the request thread was blocked on.
+which ends whatever the request thread was blocked on. An exchange whose answer has come
+whole may instead answer `CLIENT_GONE` with a time: it is read on for its usage, and
+ended then (with `DEADLINE`) if it is still going.
 
 Known limit: a client that half-closes its side (shutdown(SHUT_WR)) counts as gone, as
 with nginx.
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 from loguru import logger
 
 Unwatch = Callable[[], None]
-OnEnd = Callable[[str], None]
+# Returns None, or (for CLIENT_GONE) a time.monotonic() at which to end it after all.
+OnEnd = Callable[[str], float | None]
 CLIENT_GONE = "client_gone"
 DEADLINE = "deadline"
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
@@ -62,7 +65,8 @@ class DisconnectWatcher:
     def watch(
         self, client: socket.socket | None, on_end: OnEnd, deadline: float | None = None
     ) -> Unwatch:
-        """Call `on_end(reason)` once if `client` closes, or at `deadline` (time.monotonic()).
+        """Call `on_end(reason)` once if `client` closes, or at `deadline` (time.monotonic()):
+        once more, with DEADLINE, at the time `on_end(CLIENT_GONE)` returns, if it returns one.
 
         A client that has already gone is reported before this returns, on this thread.
         Otherwise `on_end` runs on the watcher thread, under the watcher's lock: it must be
@@ -182,10 +186,13 @@ class DisconnectWatcher:
                 if entry.active:
                     self._end(entry, DEADLINE)
 
-    @staticmethod
-    def _end(entry: _Watch, reason: str) -> None:
+    def _end(self, entry: _Watch, reason: str) -> None:
         entry.active = False
-        entry.on_end(reason)
+        later = entry.on_end(reason)
+        if later is not None and reason == CLIENT_GONE:
+            # Read on until `later`: watched as a deadline now (an earlier one still holds).
+            entry.active, entry.client, entry.deadline = True, None, later
+            heapq.heappush(self._deadlines, (later, next(self._order), entry))
 
 
 def _peer_state(client: socket.socket) -> str:

@@ -65,7 +65,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     init_access(app)
     app.before_request(require_api_key)
     init_rate_limits(app, settings, metrics, any(c.rpm > 0 for c in keys.callers))
-    budget = TokenBudget(settings.rate_limit_storage_uri)
+    # memory:// keeps quotas in a file that outlives workers; with no token limit at all
+    # there is nothing to keep, and the counts for reports stay in memory.
+    limited = any(c.token_limit(w) for c in keys.callers for w in ("minute", "day", "month"))
+    budget = TokenBudget(
+        settings.rate_limit_storage_uri,
+        settings.token_store_file if limited else None,
+        settings.token_reservation_ttl,
+    )
     init_policy(app, budget)
     metrics.add_live_collector(QuotaGauges(budget, keys))
     app.extensions["gateway.responses"] = ResponseStore.of(

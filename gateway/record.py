@@ -23,6 +23,9 @@ _NAMES = {
     "completion_tokens": "completion_tokens",
     "total_tokens": "total_tokens",
 }
+# Anthropic counts prompt-cache reads and writes apart from input_tokens: they are prompt
+# tokens all the same (a client using cache_control would otherwise pass tpm and quotas).
+_ADDED_TO_PROMPT = frozenset({"cache_creation_input_tokens", "cache_read_input_tokens"})
 # A provider's count above this is not believed (it would overflow Redis's counters).
 MAX_REPORTED_TOKENS = 100_000_000
 # `"usage": {`, and the strings and braces of what follows (strings may hold braces).
@@ -70,6 +73,9 @@ class RequestRecord:
     # Sizes an estimate is made of when the provider reports no usage: the request body,
     # and the answer text relayed (a stream's content deltas).
     prompt_bytes: int = 0
+    # The prompt's estimate when the provider reports none (media parts at flat rates:
+    # gateway.policy.estimate); None: a token per 4 bytes of the body.
+    prompt_estimate: int | None = None
     completion_bytes: int = 0
     # Run once the answer has ended, before it is logged and counted (settles token budgets).
     on_complete: list[Callable[[RequestRecord], None]] = field(default_factory=list)
@@ -95,12 +101,28 @@ class RequestRecord:
 
 
 def usage_in(body: bytes) -> dict[str, int] | None:
-    """The counts of the last `"usage": {...}` object in `body`, in the gateway's names.
+    """The counts of the answer's usage object in `body`, in the gateway's names.
 
-    Only the usage object is decoded, not the body around it: a large embeddings answer
-    is relayed untouched and should not be decoded just to be logged. Its own members are
-    read (not the `*_details` inside it), whatever form their numbers take.
+    A whole JSON answer or event is read by its structure: the top-level `usage`, or that
+    of its `response` (Responses events) or `message` (Messages' message_start), so that a
+    `usage` member elsewhere (echoed metadata, a tool schema) is never taken for it. A part
+    of an answer (the tail of a long one) falls back to the last `"usage": {...}` object.
+    Only the usage object is decoded, its own members read (not the `*_details` inside it),
+    whatever form their numbers take.
     """
+    payload = _data_of(body)
+    if payload[:1] == b"{":
+        try:
+            envelope = _ENVELOPE.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass
+        else:
+            raw = envelope.usage
+            for inner in (envelope.response, envelope.message):
+                if not raw and inner is not None:
+                    raw = inner.usage
+            text = bytes(raw)
+            return _usage_at(b'"usage":' + text, 0) if text[:1] == b"{" else None
     at = len(body)
     for _ in range(_USAGE_TRIES):  # the last few "usage" strings: one is the member
         at = body.rfind(b'"usage"', 0, at)
@@ -109,6 +131,29 @@ def usage_in(body: bytes) -> dict[str, int] | None:
         if (found := _usage_at(body, at)) is not None:
             return found
     return None
+
+
+class _Inner(msgspec.Struct):
+    usage: msgspec.Raw = msgspec.Raw()
+
+
+class _Envelope(msgspec.Struct):
+    usage: msgspec.Raw = msgspec.Raw()
+    response: _Inner | None = None
+    message: _Inner | None = None
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+
+
+def _data_of(body: bytes) -> bytes:
+    """An SSE event's one `data:` payload, or `body` itself when it is not such an event."""
+    body = body.strip()
+    if body[:6] == b"event:" and (at := body.find(b"\ndata:")) > 0:
+        body = body[at + 1 :]
+    if body[:5] == b"data:" and b"\n" not in body:
+        return body[5:].strip()
+    return body
 
 
 def _usage_at(body: bytes, at: int) -> dict[str, int] | None:
@@ -127,9 +172,16 @@ def _usage_at(body: bytes, at: int) -> dict[str, int] | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     found: dict[str, int] = {}
+    cached = 0
     for name, raw in fields.items():
-        if (ours := _NAMES.get(name)) is not None and (count := count_of(bytes(raw))) is not None:
+        if (count := count_of(bytes(raw))) is None:
+            continue
+        if (ours := _NAMES.get(name)) is not None:
             found[ours] = count
+        elif name in _ADDED_TO_PROMPT:
+            cached += count
+    if cached and "prompt_tokens" in found:
+        found["prompt_tokens"] = min(MAX_REPORTED_TOKENS, found["prompt_tokens"] + cached)
     return found or None
 
 

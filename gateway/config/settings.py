@@ -44,6 +44,8 @@ ENVIRONMENT_VARIABLES = (
     "RATE_LIMIT_REQUESTS_PER_MINUTE",
     "RATE_LIMIT_STORAGE_URI",
     "RATE_LIMIT_STRATEGY",
+    "TOKEN_STORE_FILE",
+    "TOKEN_RESERVATION_TTL",
     "LOG_LEVEL",
     "LOG_FORMAT",
     "HEALTH_CHECK_ENABLED",
@@ -77,6 +79,9 @@ ENVIRONMENT_VARIABLES = (
     "GATEWAY_CONFIG",
     "GATEWAY_ADMIN_KEY",
 )
+# /tmp: writable in the image (a tmpfs or emptyDir there: it outlives workers and reloads,
+# not the container; with Redis the token windows live in Redis instead).
+DEFAULT_TOKEN_STORE_FILE = "/tmp/ai-gateway-tokens.sqlite3"
 # The provider built from TARGET_API_URL/TARGET_API_KEY when no file names any.
 DEFAULT_PROVIDER = "default"
 
@@ -103,6 +108,12 @@ class Settings:
     # repr=False: a redis:// URI may carry a password.
     rate_limit_storage_uri: str = field(default="memory://", repr=False)
     rate_limit_strategy: str = "moving-window"
+    # With memory://, the SQLite file holding the token windows, shared by the workers of
+    # the host and kept across reloads and restarts (None: each process's memory).
+    token_store_file: str | None = None
+    # A reservation not settled by then (its worker was killed) is released: the longest
+    # non-streamed answer by default. A longer stream is still charged in full at its end.
+    token_reservation_ttl: float = 900.0
     log_level: str = "INFO"
     log_format: str = "json"
     health_check_enabled: bool = True
@@ -273,7 +284,15 @@ def _validate_limits_and_server(s: Settings) -> None:
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
     _require(0 < s.responses_ttl <= 366 * 86400, "RESPONSES_STORE_TTL must be > 0 and <= a year")
     _require(s.responses_memory_bytes >= 0, "RESPONSES_STORE_MEMORY_BYTES must be >= 0")
-    # memory:// counters live inside one process: a second worker would double the limit.
+    _require(
+        0 < s.token_reservation_ttl < float("inf"), "TOKEN_RESERVATION_TTL must be finite and > 0"
+    )
+    _require(
+        s.token_store_file is None or os.path.isdir(os.path.dirname(s.token_store_file) or "."),
+        "TOKEN_STORE_FILE must be a file in an existing directory",
+    )
+    # memory:// counters live inside one process: a second worker would double the limit
+    # (token windows in a TOKEN_STORE_FILE are shared by the host's workers; requests are not).
     _require(
         storage != "memory" or s.gunicorn_workers == 1 or not _any_limit(s),
         "GUNICORN_WORKERS > 1 needs RATE_LIMIT_STORAGE_URI=redis://...: with memory:// "
@@ -292,9 +311,11 @@ def _validate_limits_and_server(s: Settings) -> None:
 
 
 def _any_limit(s: Settings) -> bool:
-    """Whether any key has a request or token limit (each needs counters shared by all)."""
+    """Whether any key has a limit whose counters memory:// keeps per process."""
     rules = (s.key_defaults, *s.key_policies)
-    fields = ("rpm", "tpm", "tokens_per_day", "tokens_per_month")
+    fields = (
+        ("rpm",) if s.token_store_file else ("rpm", "tpm", "tokens_per_day", "tokens_per_month")
+    )
     return s.rate_limit_per_minute > 0 or any(getattr(r, f) for r in rules for f in fields)
 
 
@@ -351,6 +372,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         rate_limit_per_minute=reader.integer("RATE_LIMIT_REQUESTS_PER_MINUTE", 60),
         rate_limit_storage_uri=reader.text("RATE_LIMIT_STORAGE_URI", "memory://"),
         rate_limit_strategy=reader.text("RATE_LIMIT_STRATEGY", "moving-window").lower(),
+        token_store_file=reader.text("TOKEN_STORE_FILE", DEFAULT_TOKEN_STORE_FILE),
+        token_reservation_ttl=reader.number("TOKEN_RESERVATION_TTL", 900.0),
         log_level=reader.text("LOG_LEVEL", "INFO").upper(),
         log_format=reader.text("LOG_FORMAT", "json").lower(),
         health_check_enabled=reader.boolean("HEALTH_CHECK_ENABLED", True),

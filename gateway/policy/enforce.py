@@ -18,6 +18,7 @@ from loguru import logger
 from gateway.errors import GatewayError
 from gateway.limits import openai_duration
 from gateway.metrics import GatewayMetrics
+from gateway.policy.estimate import prompt_tokens
 from gateway.policy.keys import Caller
 from gateway.policy.tokens import Reservation, TokenBudget, windows_at
 from gateway.policy.usage import reservation, settle_usage, worst_output
@@ -47,6 +48,7 @@ def admit(record: RequestRecord, body: bytes, max_tokens: int | None, *, choices
     metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     budget: TokenBudget = current_app.extensions["gateway.tokens"]
     record.prompt_bytes = len(body)
+    record.prompt_estimate = prompt_tokens(body)
     held = g.tokens = budget.reserve(caller, reservation(len(body), max_tokens, choices))
     if held.full is not None:
         reason = "tpm" if held.full == "minute" else "quota"

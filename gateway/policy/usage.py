@@ -48,7 +48,11 @@ def settle_usage(record: RequestRecord) -> int:
         return cost
     if not _provider_worked(record):
         return 0
-    prompt = tokens_for(record.prompt_bytes)
+    prompt = (
+        record.prompt_estimate
+        if record.prompt_estimate is not None
+        else tokens_for(record.prompt_bytes)
+    )
     completion = tokens_for(record.completion_bytes)
     record.usage = {
         "prompt_tokens": prompt,

@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import socket
 import threading
+import time
 from contextvars import ContextVar
 from typing import Any
 
@@ -26,7 +27,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from gateway.disconnects import Unwatch
+from gateway.disconnects import CLIENT_GONE, Unwatch
 
 # A provider may send a few hints; one that sends them without end is broken.
 _MAX_INFORMATIONAL = 8
@@ -55,6 +56,11 @@ class Exchange:
     connection stays out of urllib3's pool until `release()`: urllib3 hands it back at
     the last byte, and a late `end()` would otherwise shut down a connection that another
     request has taken since.
+
+    Once the provider has sent the whole answer (`answered()`), a client that leaves no
+    longer ends it at once: the provider has nothing left to generate, only its usage to
+    send, so the exchange is read on for a few seconds more and `end` returns when the
+    watcher is to end it after all.
     """
 
     def __init__(self) -> None:
@@ -64,19 +70,39 @@ class Exchange:
         self.unwatch: Unwatch = _nothing
         self._response: requests.Response | None = None
         self._pool: Any = None
+        self._read_on: float | None = None  # seconds to read on after the client left
+        self.cut = False  # the provider socket has been shut down
 
     def attach(self, sock: Any) -> None:
         with self._lock:
             self._socket = sock
-            if self.ended_by is not None:
+            if self.cut:
                 _shut(sock)
 
-    def end(self, reason: str) -> None:
+    def answered(self, read_on_seconds: float) -> None:
+        """The whole answer has come: a client leaving now leaves only the usage to read."""
+        with self._lock:
+            self._read_on = read_on_seconds
+
+    def end(self, reason: str) -> float | None:
+        """End the exchange for `reason`: at once, or (a client gone after the answer) at
+        the time returned, by the watcher, if the provider's usage has not come by then."""
         with self._lock:
             if self.ended_by is None:
                 self.ended_by = reason
-                if self._socket is not None:
-                    _shut(self._socket)
+                if reason == CLIENT_GONE and self._read_on is not None:
+                    return time.monotonic() + self._read_on
+            self.cut = True
+            if self._socket is not None:
+                _shut(self._socket)
+            return None
+
+    def limit_reads(self, seconds: float) -> None:
+        """Bound the next reads of the answer to `seconds` each (on the reading thread)."""
+        with self._lock:
+            if self._socket is not None and not self.cut:
+                with contextlib.suppress(OSError, AttributeError, ValueError):
+                    self._socket.settimeout(max(0.001, seconds))
 
     def hold(self, response: requests.Response) -> None:
         raw: Any = response.raw

@@ -86,7 +86,11 @@ class GatewayFactory:
             path = self.tmp_path / f"gateway-{port}.yaml"
             path.write_text(config)
             env = {"GATEWAY_CONFIG": str(path), **env}
-        full_env = base_env(PORT=str(port), TARGET_API_URL=self.upstream_url)
+        # Each gateway its own token store, unless a test shares one (a restart).
+        store = str(self.tmp_path / f"tokens-{port}.sqlite3")
+        full_env = base_env(
+            PORT=str(port), TARGET_API_URL=self.upstream_url, TOKEN_STORE_FILE=store
+        )
         for name, value in env.items():
             if value is None:
                 full_env.pop(name, None)

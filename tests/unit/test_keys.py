@@ -207,11 +207,13 @@ def test_the_example_file_loads_with_the_readme_command() -> None:
     assert names["intern-bot"].expires_at is not None and not names["old-app"].enabled
 
 
-def test_memory_storage_with_several_workers_is_refused_when_a_key_has_token_limits(
+def test_memory_storage_with_several_workers_is_refused_when_a_key_has_a_request_limit(
     tmp_path: Path,
 ) -> None:
+    # (Token limits are held in the TOKEN_STORE_FILE the workers share: see
+    # tests/unit/test_token_storage_durable.py.)
     path = tmp_path / "gateway.yaml"
-    path.write_text("keys:\n  - name: a\n    key_env: TEAM_A_KEY\n    tpm: 100\n")
+    path.write_text("keys:\n  - name: a\n    key_env: TEAM_A_KEY\n    rpm: 100\n")
     env = {"ENV_FILE": "", "GATEWAY_CONFIG": str(path), "TARGET_API_KEY": UPSTREAM_KEY}
     env |= {"TEAM_A_KEY": TEAM_KEY, "RATE_LIMIT_REQUESTS_PER_MINUTE": "0"}
     env |= {"GUNICORN_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}

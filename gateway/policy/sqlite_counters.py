@@ -1,0 +1,142 @@
+"""The token counters in a SQLite file: memory:// keeps its quotas across reloads and restarts.
+
+Without Redis, the day and month must still outlive a worker (a SIGHUP replaces every
+worker; a crash or a deploy restarts them), so they live in one file on the host, shared by
+its workers. WAL mode lets readers run beside the one writer; each reserve and settle is one
+`BEGIN IMMEDIATE` transaction (the file's write lock), which makes check-and-reserve atomic
+across the workers as the Lua scripts do in Redis. `synchronous=NORMAL`: a power cut may
+lose the last transactions, never the file; a killed process loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from gateway.policy.counters import PURGE_BATCH, Hold, ttl_of
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+  key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS holds (
+  id TEXT PRIMARY KEY, deadline REAL NOT NULL, cost INTEGER NOT NULL, keys TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS holds_by_deadline ON holds (deadline);
+"""
+_ADD = """
+INSERT INTO counters (key, value, expires) VALUES (:key, :amount, :expires)
+ON CONFLICT (key) DO UPDATE SET
+  value = CASE WHEN expires > :now THEN value + :amount ELSE :amount END,
+  expires = CASE WHEN expires > :now THEN expires ELSE :expires END
+RETURNING value
+"""
+# A writer waits this long for another worker's transaction (each takes microseconds);
+# past it the step fails and the budget holds the limits in memory meanwhile.
+_BUSY_TIMEOUT = 5.0
+_SWEEP_EVERY = 1000
+
+
+class SqliteCounters:
+    """The counters in a SQLite file (WAL), shared by every worker of the host."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = 0
+        self._operations = 0
+        # Fail at start-up on a path that cannot hold the file; closed again so that no
+        # connection crosses gunicorn's fork (each worker opens its own).
+        self._open().close()
+
+    def reserve(self, hold: Hold, limits: list[int], now: float) -> list[int]:
+        with self._transaction() as db:
+            self._purge(db, now)
+            values = [self._get(db, k) for k in hold.keys]
+            full = next((i + 1 for i, v in enumerate(values) if limits[i] and v >= limits[i]), 0)
+            if not full and hold.tokens:
+                values = [self._add(db, k, hold.tokens) for k in hold.keys]
+                db.execute(
+                    "INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)",
+                    (hold.id, hold.deadline, hold.tokens, " ".join(hold.keys)),
+                )
+            return [full, *values]
+
+    def settle(self, hold: Hold | None, charged_to: list[str], cost: int, now: float) -> None:
+        with self._transaction() as db:
+            self._purge(db, now)
+            if hold is not None and hold.tokens and self._unhold(db, hold.id):
+                self._release(db, hold.keys, hold.tokens)
+            for key in charged_to if cost else ():
+                self._add(db, key, cost)
+            self._sweep(db)
+
+    def read(self, keys: list[str], now: float) -> list[int]:
+        with self._transaction() as db:
+            self._purge(db, now)
+            return [self._get(db, k) for k in keys]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None or self._pid != os.getpid():  # a forked worker: its own
+            self._db, self._pid = self._open(), os.getpid()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: the transactions are the explicit BEGIN IMMEDIATE above.
+        db = sqlite3.connect(
+            self._path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _purge(self, db: sqlite3.Connection, now: float) -> None:
+        dead = db.execute(
+            "SELECT id, cost, keys FROM holds WHERE deadline <= ? ORDER BY deadline LIMIT ?",
+            (now, PURGE_BATCH),
+        ).fetchall()
+        for hold_id, tokens, keys in dead:
+            self._unhold(db, hold_id)
+            self._release(db, keys.split(), tokens)
+
+    def _unhold(self, db: sqlite3.Connection, hold_id: str) -> bool:
+        """Whether the reservation was still held (not yet released at its deadline)."""
+        return db.execute("DELETE FROM holds WHERE id = ?", (hold_id,)).rowcount > 0
+
+    def _release(self, db: sqlite3.Connection, keys: Sequence[str], amount: int) -> None:
+        for key in keys:
+            db.execute("UPDATE counters SET value = max(0, value - ?) WHERE key = ?", (amount, key))
+
+    def _get(self, db: sqlite3.Connection, key: str) -> int:
+        row = db.execute(
+            "SELECT value FROM counters WHERE key = ? AND expires > ?", (key, time.time())
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _add(self, db: sqlite3.Connection, key: str, amount: int) -> int:
+        now = time.time()
+        params = {"key": key, "amount": amount, "now": now, "expires": now + ttl_of(key)}
+        return int(db.execute(_ADD, params).fetchone()[0])
+
+    def _sweep(self, db: sqlite3.Connection) -> None:
+        self._operations += 1
+        if self._operations % _SWEEP_EVERY == 0:
+            db.execute("DELETE FROM counters WHERE expires <= ?", (time.time(),))
