@@ -31,6 +31,9 @@ from gateway.upstream.scrub import Scrubber
 from gateway.upstream.sse import EventTooLargeError, SseData, UsageChunks, text_bytes
 
 PIECE_BYTES = 64 * 1024
+# A translated stream is relayed as it comes, but its translator keeps the answer for the
+# final event (response.completed holds it whole): bounded below the relay limit.
+MAX_TRANSLATED_STREAM_BYTES = 32 * 1024 * 1024
 # An answer this short is read whole before the client gets its status line, so that a
 # failure while reading it is still a clean 502/504; a longer one is relayed as it comes.
 HEAD_BYTES = 256 * 1024
@@ -300,33 +303,49 @@ class TranslatedSseRelay(_EventRelay):
         )
         self._translator = translator
         self._events = SseData()
+        self._out_mask = Scrubber(scrubber.mask)
 
     def __iter__(self) -> Iterator[bytes]:
         record, translator, scrubber = self._record, self._translator, self._scrubber
-        events = self._events
+        events, out_mask = self._events, self._out_mask
+        size = 0
         try:
             for piece in self._chunks:
                 if record.ttfb is None:
                     record.ttfb = record.elapsed()
                 record.completion_bytes += text_bytes(piece)
+                size += len(piece)
+                if size > MAX_TRANSLATED_STREAM_BYTES:  # what the translator keeps grows too
+                    raise AnswerTooLargeError(f"more than {MAX_TRANSLATED_STREAM_BYTES} bytes")
                 if not self._answered:
                     self._note_answer_end(piece)
                 payloads = events.feed(scrubber.feed(piece))
                 if out := b"".join([translator.feed(data) for data in payloads]):
-                    yield out
+                    # Masked again: a translator decodes what the provider escaped (a key
+                    # sent as "\\u0073k-..." would be plain once translated).
+                    yield out_mask.feed(out)
+                if translator.failed:  # the provider said it failed (an error chunk)
+                    break
         except (*READ_ERRORS, AnswerTooLargeError, EventTooLargeError) as exc:
             if self._exchange.ended_by == CLIENT_GONE:
                 return
             error = self._fail(exc)
             self._finished = True
-            yield self._rest(events) + translator.fail(error.status, error.message)
+            tail = self._rest(events) + translator.fail(error.status, error.message)
+            yield out_mask.feed(tail) + out_mask.flush()
             return
         if self._exchange.ended_by == CLIENT_GONE:
             return
-        tail = self._rest(events) + translator.finish()
+        tail = b"" if translator.failed else self._rest(events) + translator.finish()
         self._finished = True
-        self._ended()
-        if tail:
+        if translator.failed:
+            # An error chunk, or a stream that ended before its answer did: the
+            # provider's failure, as if it had broken off (counted, cooled, logged).
+            self._fail(ConnectionError("the provider's stream failed"))
+            self._exchange.release()
+        else:
+            self._ended()
+        if tail := out_mask.feed(tail) + out_mask.flush():
             yield tail
 
     def _rest(self, events: SseData) -> bytes:

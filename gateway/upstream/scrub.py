@@ -62,12 +62,12 @@ class Scrubber:
     """
 
     def __init__(self, mask: SecretMask) -> None:
-        self._mask = mask
+        self.mask = mask
         self._held = b""
 
     def feed(self, piece: bytes) -> bytes:
-        data = self._mask.whole(self._held + piece if self._held else piece)
-        keep = self._mask.partial_tail(data)
+        data = self.mask.whole(self._held + piece if self._held else piece)
+        keep = self.mask.partial_tail(data)
         self._held = data[len(data) - keep :] if keep else b""
         return data[: len(data) - keep] if keep else data
 

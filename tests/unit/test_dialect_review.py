@@ -269,3 +269,80 @@ def test_reading_a_stored_native_response_is_not_charged_again(mixed: FlaskClien
     }
     assert samples.get("prompt") == 500
     assert samples.get("completion") == 700
+
+
+def _sse(*payloads: bytes) -> bytes:
+    return b"".join(b"data: " + p + b"\n\n" for p in payloads)
+
+
+FIRST = b'{"choices":[{"index":0,"delta":{"role":"assistant","content":"par"}}]}'
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/responses"])
+@pytest.mark.parametrize(
+    "stream",
+    [
+        _sse(FIRST, b'{"error":{"message":"overloaded mid-way"}}'),  # an error chunk
+        _sse(FIRST),  # the provider hung up: no finish_reason, no [DONE]
+    ],
+    ids=["error-chunk", "cut"],
+)
+def test_a_stream_the_provider_failed_is_its_failure_not_a_success(
+    mixed: FlaskClient, route: str, stream: bytes
+) -> None:
+    body = (
+        {
+            "model": "c",
+            "max_tokens": 20,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        if route == "/v1/messages"
+        else {"model": "c", "input": "hi", "stream": True}
+    )
+    app = mixed.application
+    with responses.RequestsMock() as upstream:
+        upstream.post(f"{CHAT}/chat/completions", body=stream, content_type="text/event-stream")
+        answer = mixed.post(route, json=body, headers=AUTH)
+        text = answer.get_data(as_text=True)
+        answer.close()
+    assert "par" in text
+    assert ("event: error" in text) if route == "/v1/messages" else ("response.failed" in text)
+    errors = app.extensions["gateway.metrics"].upstream_errors
+    kinds = {s.labels["kind"] for m in errors.collect() for s in m.samples if s.value}
+    assert kinds == {"stream_broken"}
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/responses"])
+def test_a_provider_key_streamed_escaped_is_masked_once_translated(
+    mixed: FlaskClient, route: str
+) -> None:
+    half = len(UPSTREAM_KEY) // 2
+    pieces = [
+        b'{"choices":[{"index":0,"delta":{"content":"key: '
+        + _escaped(UPSTREAM_KEY[:half]).encode()
+        + b'"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"'
+        + _escaped(UPSTREAM_KEY[half:]).encode()
+        + b'"}}]}',
+        b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+        b"[DONE]",
+    ]
+    body = (
+        {
+            "model": "c",
+            "max_tokens": 20,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        if route == "/v1/messages"
+        else {"model": "c", "input": "hi", "stream": True, "store": False}
+    )
+    with responses.RequestsMock() as upstream:
+        upstream.post(
+            f"{CHAT}/chat/completions", body=_sse(*pieces), content_type="text/event-stream"
+        )
+        answer = mixed.post(route, json=body, headers=AUTH)
+        text = answer.get_data(as_text=True)
+    # The key never appears whole, in a delta or in the final object that repeats the text.
+    assert UPSTREAM_KEY not in text
