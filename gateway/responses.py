@@ -51,7 +51,9 @@ def create() -> Response:
     record.model, record.stream = req.model, req.stream is True
     _refuse_provider_references(body, req)
     previous = _previous(req)
-    admit(record, body, req.max_output_tokens)
+    # A replayed conversation is prompt too: reserved and estimated with the body.
+    history = _ENCODER.encode(previous.conversation) if previous and previous.conversation else b""
+    admit(record, body, req.max_output_tokens, history=history)
     record.inject_usage = record.stream  # a bridged stream asks; a native one reports unasked
     routed = _pinned(upstream_for(record.model), previous)
     reply = bridge.Reply(

@@ -40,16 +40,26 @@ def allow_model(record: RequestRecord) -> None:
         )
 
 
-def admit(record: RequestRecord, body: bytes, max_tokens: int | None, *, choices: int = 1) -> None:
+def admit(
+    record: RequestRecord,
+    body: bytes,
+    max_tokens: int | None,
+    *,
+    choices: int = 1,
+    history: bytes = b"",
+) -> None:
     """Refuse a model the key may not use, a key whose tokens are spent, or a request whose
-    worst case (`choices` times `max_tokens`) is more than is left of a quota; else reserve."""
+    worst case (`choices` times `max_tokens`) is more than is left of a quota; else reserve.
+
+    `history`: what the gateway adds to the prompt itself (a stored conversation replayed
+    for previous_response_id), reserved and estimated as part of it."""
     allow_model(record)
     caller: Caller = g.caller
     metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     budget: TokenBudget = current_app.extensions["gateway.tokens"]
-    record.prompt_bytes = len(body)
-    record.prompt_estimate = prompt_tokens(body)
-    held = g.tokens = budget.reserve(caller, reservation(len(body), max_tokens, choices))
+    record.prompt_bytes = len(body) + len(history)
+    record.prompt_estimate = prompt_tokens(body) + prompt_tokens(history)
+    held = g.tokens = budget.reserve(caller, reservation(record.prompt_bytes, max_tokens, choices))
     if held.full is not None:
         reason = "tpm" if held.full == "minute" else "quota"
         metrics.key_rejections.labels(caller.label, reason).inc()

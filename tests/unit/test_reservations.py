@@ -202,3 +202,25 @@ def test_usage_in_exponent_form_is_charged_and_logged_as_one_number(
     line = next(json.loads(x) for x in capsys.readouterr().out.splitlines() if '"access"' in x)
     assert line["usage"] == {"prompt_tokens": 1200, "completion_tokens": 30, "total_tokens": 1230}
     assert used_today(client) == 1230
+
+
+def test_a_replayed_conversation_is_prompt_the_key_reserves_and_is_charged_for(
+    make_app: MakeApp, upstream: responses.RequestsMock
+) -> None:
+    # No usage from the provider: the charge is the estimate, which must include the
+    # stored turns the gateway replays for previous_response_id, not only the tiny body.
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+    }
+    upstream.post(UPSTREAM_CHAT, json=answer)
+    client = make_app(key_policies=(policy(tokens_per_day=1_000_000),)).test_client()
+    first = post(client, {"model": "qwen-plus", "input": "x" * 40_000}, "/v1/responses")
+    assert first.status_code == 200
+    after_first = used_today(client)
+    follow = {"model": "qwen-plus", "input": "y", "previous_response_id": first.json["id"]}
+    assert post(client, follow, "/v1/responses").status_code == 200
+    assert used_today(client) - after_first >= 10_000  # the 40 KB replayed, not 100 bytes
