@@ -105,6 +105,8 @@ def _log_access(record: RequestRecord, duration: float) -> None:
         fields["upstream_model"] = (record.upstream_model or "")[:200]
     if record.attempts:
         fields["attempts"] = record.attempts
+    if record.abandoned_tokens:  # charged besides the usage (see settle_usage)
+        fields["abandoned_tokens"] = record.abandoned_tokens
     if record.upstream_request_id:
         fields["upstream_request_id"] = record.upstream_request_id
     if record.upstream_error:

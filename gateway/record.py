@@ -54,6 +54,9 @@ class RequestRecord:
     provider: str | None = None
     upstream_model: str | None = None
     attempts: list[str] = field(default_factory=list)
+    # Estimated tokens of attempts the request fell back from after the provider had it
+    # whole (a non-streamed read timeout): the provider may have generated; the key pays.
+    abandoned_tokens: int = 0
     # The gateway added stream_options.include_usage: the usage chunk (and the "usage": null
     # of other chunks) is the gateway's, removed from what the client receives.
     inject_usage: bool = False

@@ -221,8 +221,11 @@ class RoutingPolicy(_Frozen):
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     # No new attempt starts this long after the request arrived.
     deadline: Seconds = 30.0
-    # Which failures before the first byte try the next deployment.
-    fallback_on: tuple[Literal["connect", "timeout", "429", "5xx"], ...] = (
+    # Which failures before the first byte try the next deployment. `timeout`: a connect
+    # timeout, or a stream's before its first chunk. `read_timeout` (not by default): a
+    # non-streamed request's after it was sent, which the provider may still be generating:
+    # sent elsewhere it may be generated, and billed, twice.
+    fallback_on: tuple[Literal["connect", "timeout", "read_timeout", "429", "5xx"], ...] = (
         "connect",
         "timeout",
         "429",

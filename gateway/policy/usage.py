@@ -38,7 +38,12 @@ def charge(usage: dict[str, int]) -> int:
 
 
 def settle_usage(record: RequestRecord) -> int:
-    """Fill in `record.usage` (estimated if the provider reported none); return its cost."""
+    """Fill in `record.usage` (estimated if the provider reported none); return its cost,
+    with the attempts abandoned after the provider had the request (record.attempts)."""
+    return _answer_cost(record) + min(record.abandoned_tokens, MAX_REPORTED_TOKENS)
+
+
+def _answer_cost(record: RequestRecord) -> int:
     if record.usage:
         # One number: the access line's total is what the key pays (without a total, the
         # parts it shows add up to it).

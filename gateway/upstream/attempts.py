@@ -1,13 +1,18 @@
 """Trying a plan's deployments in turn, until one answers: the attempt and fallback loop.
 
 Each attempt is one exchange with one provider (`UpstreamClient.send` and `.answer`); here
-is what its outcome means: fall back (connect, timeout, 429, 5xx, Arrearage, 401/403, a
-stream ended before its first chunk), the router told how the deployment did, the access
-line's `attempts`, and what the client gets when the last attempt fails too.
+is what its outcome means: fall back (connect, timeout, 429, 5xx, Arrearage, a refused
+gateway key, a stream ended before its first chunk; a non-streamed read timeout only when
+configured), the router told how the deployment did (only failures that say the provider
+is unwell, see `Verdict`), the access line's `attempts` (with the estimated tokens of an
+attempt the provider may have generated for), and what the client gets when the last
+attempt fails too. The client's own mistakes (a 429 "request too large", a 401/403 about a
+model) are relayed at once, never sent elsewhere nor held against the deployment.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,11 +30,14 @@ from gateway.upstream.bodies import Client, pieces
 from gateway.upstream.connection import Exchange
 from gateway.upstream.dialect import Dialect, Leg
 from gateway.upstream.providers import (
+    BODY_DEPENDENT,
     FALLBACK_SETTING,
     AttemptObserver,
     Target,
     in_arrears,
     is_stream,
+    refuses_gateway_key,
+    request_too_large,
     retry_after,
     status_failure,
 )
@@ -105,6 +113,8 @@ class _Failed:
     head: tuple[list[bytes], bool] | None = None
     verdict: Verdict | None = None  # given already: relaying the answer adds nothing
     leg: Leg | None = None
+    # Estimated tokens the provider may have spent on it (a read timeout): charged too.
+    cost: int = 0
 
     def discard(self) -> None:
         if self.exchange is not None:
@@ -148,21 +158,40 @@ class Attempts:
                 break
             # Built before a slot is taken: a body the dialect cannot build is refused (400)
             # with nothing held.
+            usage = inject_usage and candidate.provider.stream_usage
             leg = dialect.leg(
                 candidate,
                 stream=record.stream,
-                include_usage=inject_usage and candidate.provider.stream_usage,
+                include_usage=usage and self.router.sends_stream_options(candidate.key),
             )
             slot = self.router.acquire(candidate)
             if slot is None:  # its provider has max_concurrent requests in flight
                 self._fall_back(plan, record, candidate, "capacity")
                 continue
             if failed is not None:
-                failed.discard()
-                self._fall_back(plan, record, failed.candidate, failed.outcome)
+                failed.discard()  # closed before the next attempt is sent
+                self._fall_back(plan, record, failed.candidate, failed.outcome, failed.cost)
             tried += 1
             sent = _Sent(headers, deadline, client)
             result = self._attempt(plan, candidate, slot, sent, record, leg=leg)
+            if isinstance(result, _Failed) and result.outcome == _USAGE_REFUSED:
+                # Not a failure of the deployment nor an attempt of its own: the same one
+                # again, as the client sent it.
+                record.attempts.append(f"{candidate.provider.name}: {_USAGE_REFUSED}")
+                leg = dialect.leg(candidate, stream=record.stream, include_usage=False)
+                slot = self.router.acquire(candidate)
+                if slot is None:
+                    self._fall_back(plan, record, candidate, "capacity")
+                    continue
+                result = self._attempt(plan, candidate, slot, sent, record, leg=leg)
+                if isinstance(result, Response) and result.status_code < 400:
+                    self.router.refuses_stream_options(candidate.key)
+                    logger.bind(provider=candidate.provider.name).warning(
+                        "provider {} refuses stream_options: not sent to {} again "
+                        "(set stream_usage: false); its usage is estimated",
+                        candidate.provider.name,
+                        candidate.upstream_model,
+                    )
             if isinstance(result, Response):
                 return result
             failed = result
@@ -207,18 +236,30 @@ class Attempts:
                 upstream = self.client.send(prepared, record, exchange, target)
                 body = pieces(upstream, self.client.max_body)
                 outcome, retry_after, head = self._judge(
-                    upstream, body, candidate, record, exchange
+                    upstream, body, candidate, record, exchange, leg=leg
                 )
             except GatewayError as error:
                 failure = record.upstream_error
                 if exchange.ended_by is not None or failure is None:
                     raise  # the client left, the deadline passed, or the request is invalid
-                self._note(plan, slot, failure)  # a redirect or garbage counts too
+                if failure == "timeout" and _read_timeout(error, record):
+                    # The provider had the whole request and may be generating the answer
+                    # still: sent elsewhere, it would be generated (and billed) twice.
+                    failure = "read_timeout"
+                self._note(plan, slot, failure, body=leg.body)  # a redirect or garbage too
                 if not self._may_fall_back(plan, failure):
                     raise
+                # Closed now, before the next attempt starts: urllib3 has closed the
+                # connection of a timed-out read, and an unread answer is closed here.
                 exchange.release()
-                return _Failed(candidate, failure, error=error)
-            verdict = self._note(plan, slot, outcome, retry_after)
+                cost = _estimate(leg.body) if failure == "read_timeout" else 0
+                return _Failed(candidate, failure, error=error, cost=cost)
+            if outcome == _USAGE_REFUSED:
+                self.observer.attempted(provider, plan.route, outcome)
+                exchange.release()
+                slot.release()
+                return _Failed(candidate, outcome)
+            verdict = self._note(plan, slot, outcome, retry_after, body=leg.body)
             if outcome == "provider_auth" and not self._may_fall_back(plan, outcome):
                 raise self._refused(candidate, record)  # never relayed: see _refused
             if outcome == "ok" or not self._may_fall_back(plan, outcome):
@@ -254,7 +295,9 @@ class Attempts:
         candidate: Candidate,
         record: RequestRecord,
         exchange: Exchange,
-    ) -> tuple[str, float | None, tuple[list[bytes], bool] | None]:
+        *,
+        leg: Leg,
+    ) -> _Judged:
         """Whether the provider's answer is its failure: (outcome, Retry-After, body read).
 
         A stream's first piece is read here: a stream that breaks (or ends) before it has
@@ -264,16 +307,37 @@ class Attempts:
         status = upstream.status_code
         if upstream.ok and is_stream(upstream):
             return "ok", None, self.client.first_piece(body, record, exchange)
-        if status == 429:
-            return "rate_limited", retry_after(upstream.headers.get("Retry-After")), None
+        if status in (401, 403, 429):
+            return self._whose(upstream, self.client.read_head(body, record, exchange), candidate)
         if (failure := status_failure(status)) is not None:
             return failure, None, None
+        head = None
         if status == 400 and candidate.provider.kind == "dashscope" and not is_stream(upstream):
             head = self.client.read_head(body, record, exchange)
             if head[1] and in_arrears(b"".join(head[0])):
                 return "arrearage", None, head
-            return "ok", None, head
-        return "ok", None, None
+        if status in (400, 422) and leg.usage_asked:
+            # The gateway added stream_options, the client did not: the provider may not
+            # know the field. Its 400 costs nothing; the same request is tried without it.
+            return _USAGE_REFUSED, None, head
+        return "ok", None, head
+
+    @staticmethod
+    def _whose(
+        upstream: requests.Response, head: tuple[list[bytes], bool], candidate: Candidate
+    ) -> _Judged:
+        """A 401, 403 or 429, read (a short JSON error): the request's own ("request too
+        large", "no access to model") is the client's answer, relayed and held against
+        no one; the rest is the provider's (its rate) or the gateway's (its key)."""
+        said = b"".join(head[0])
+        model = candidate.upstream_model
+        if upstream.status_code == 429:
+            if request_too_large(said, model):
+                return "ok", None, head
+            return "rate_limited", retry_after(upstream.headers.get("Retry-After")), head
+        if refuses_gateway_key(upstream.status_code, said, model):
+            return "provider_auth", None, head
+        return "ok", None, head
 
     def _relay_failure(self, failed: _Failed, record: RequestRecord, client: Client) -> Response:
         """The last attempt failed: its answer as the provider sent it, or the gateway's error."""
@@ -319,19 +383,30 @@ class Attempts:
         )
 
     def _note(
-        self, plan: Plan, slot: Slot, outcome: str, retry_after: float | None = None
+        self,
+        plan: Plan,
+        slot: Slot,
+        outcome: str,
+        retry_after: float | None = None,
+        *,
+        body: bytes | None = None,
     ) -> Verdict:
         """Count the attempt; a failure is the router's at once, a success once relayed."""
         self.observer.attempted(slot.candidate.provider.name, plan.route, outcome)
         verdict = Verdict(self.router, slot)
         if outcome != "ok":
-            verdict.failed(outcome, retry_after)
+            # Only failures the request itself can cause are fingerprinted, and only then
+            # is the body hashed: nothing is spent on the requests that succeed.
+            fingerprint = hash(body or b"") if outcome in BODY_DEPENDENT else None
+            verdict.failed(outcome, retry_after, before_head=True, fingerprint=fingerprint)
         return verdict
 
     def _fall_back(
-        self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str
+        self, plan: Plan, record: RequestRecord, candidate: Candidate, reason: str, cost: int = 0
     ) -> None:
-        record.attempts.append(f"{candidate.provider.name}: {reason}")
+        spent = f" (~{cost} tokens)" if cost else ""
+        record.attempts.append(f"{candidate.provider.name}: {reason}{spent}")
+        record.abandoned_tokens += cost
         self.observer.fell_back(candidate.provider.name, plan.route, reason)
         logger.bind(provider=candidate.provider.name, reason=reason).info(
             "falling back from {} ({})", candidate.provider.name, reason
@@ -349,6 +424,25 @@ class _Sent:
     headers: dict[str, str]
     deadline: float | None
     client: Client
+
+
+# What _judge finds: the outcome, a 429's Retry-After, and the answer's head if it was read.
+_Judged = tuple[str, float | None, tuple[list[bytes], bool] | None]
+# The outcome of a 400 to the stream_options the gateway added (retried once without).
+_USAGE_REFUSED = "stream_options_refused"
+
+
+def _estimate(body: bytes | None) -> int:
+    """An attempt's prompt, estimated as the policy does: a token per 4 bytes of its body."""
+    return math.ceil(len(body or b"") / 4)
+
+
+def _read_timeout(error: GatewayError, record: RequestRecord) -> bool:
+    """A non-streamed request timed out after it was sent (not while connecting): the
+    provider may be generating the answer. (The client raises its GatewayError while
+    handling the requests exception: `__context__` is that exception.)"""
+    cause = error.__cause__ or error.__context__
+    return not record.stream and not isinstance(cause, requests.ConnectTimeout)
 
 
 def _path_and_query(leg: Leg) -> str:
@@ -371,7 +465,11 @@ def _headers(client: dict[str, str], provider: Mapping[str, str], leg: Leg) -> d
 class Verdict:
     """How one attempt's deployment did, told to the router once: a failure as soon as it
     is known, a success only once the answer has been relayed whole (a stream that breaks
-    mid-body is a failure, never a success first and a failure after)."""
+    mid-body is a failure, never a success first and a failure after).
+
+    Not every failure is the deployment's: an answer over MAX_RESPONSE_BODY_BYTES, or a
+    read timeout after the answer's head (a long generation), is the request's; nothing
+    is told then."""
 
     def __init__(self, router: Router, slot: Slot) -> None:
         self._router = router
@@ -381,12 +479,38 @@ class Verdict:
     def succeeded(self) -> None:
         if not self._given:
             self._given = True
-            self._router.succeeded(self._slot.candidate.key, self._slot.started)
+            candidate = self._slot.candidate
+            self._router.succeeded(
+                candidate.key, self._slot.started, model=candidate.upstream_model
+            )
 
-    def failed(self, outcome: str, retry_after: float | None = None) -> None:
-        if not self._given:
-            self._given = True
-            self._router.failed(self._slot.candidate.key, outcome, retry_after)
+    def failed(
+        self,
+        outcome: str,
+        retry_after: float | None = None,
+        *,
+        before_head: bool = False,
+        fingerprint: int | None = None,
+    ) -> None:
+        if self._given:
+            return
+        self._given = True
+        if outcome in _NOT_THE_DEPLOYMENTS or (not before_head and outcome in _LONG_ANSWER):
+            return
+        candidate = self._slot.candidate
+        self._router.failed(
+            candidate.key,
+            outcome,
+            retry_after,
+            model=candidate.upstream_model,
+            fingerprint=fingerprint,
+        )
+
+
+# An answer larger than the gateway relays: the request asked for it.
+_NOT_THE_DEPLOYMENTS = frozenset({"too_large"})
+# Once the answer's head has come, a read timeout is a generation longer than read_timeout.
+_LONG_ANSWER = frozenset({"timeout", "read_timeout"})
 
 
 def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,10 +19,14 @@ from gateway.config import Provider, Settings
 # A failed attempt's outcome (gateway_upstream_attempts_total{outcome},
 # gateway_fallbacks_total{reason}) and the routing.fallback_on value that lets it fall back.
 # An account in arrears serves nobody, and a provider refusing the gateway's own key (401,
-# 403) serves nobody either: both fall back as a 5xx does.
+# 403) serves nobody either: both fall back as a 5xx does. `timeout` is a connect timeout
+# or a stream's before its first chunk (nothing generated is lost); `read_timeout` is a
+# non-streamed request's once sent: the provider may be generating it still, so sending it
+# elsewhere may have it generated (and billed) twice, and only `read_timeout` allows that.
 FALLBACK_SETTING = {
     "connect": "connect",
     "timeout": "timeout",
+    "read_timeout": "read_timeout",
     "rate_limited": "429",
     "server_error": "5xx",
     "arrearage": "5xx",
@@ -79,13 +84,72 @@ def is_stream(upstream: requests.Response) -> bool:
     return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
 
 
+# Failures one request can cause by itself (a parameter the provider crashes on, a long
+# generation): counted against a deployment only when different request bodies fail.
+BODY_DEPENDENT = frozenset({"server_error", "read_timeout"})
+# A 401/403 about the gateway's own credentials or account (OpenAI's "Incorrect API key
+# provided", DashScope's "InvalidApiKey", "Workspace.AccessDenied", an unsupported region).
+_CREDENTIALS = re.compile(
+    r"api[ _-]?key|apikey|access[ _-]?key|access[ _-]?token|authenticat|unauthori[sz]ed|"
+    r"credential|token expired|invalid[ _-]?token|account|organi[sz]ation|workspace|"
+    r"region|country",
+    re.IGNORECASE,
+)
+# A 429 about the request's size, not the account's rate: OpenAI's "Request too large for
+# gpt-4o ... on tokens per min", DashScope's "Range of input length should be [1, 30720]",
+# context-length wordings. ("Rate limit reached ... Requested 2000" is a rate.)
+_TOO_LARGE = re.compile(
+    r"too large|too long|input length|context[ _-]?length|context window|maximum context|"
+    r"exceeds? (?:the )?(?:maximum|max|limit|context)|string_above_max_length|"
+    r"reduce the length",
+    re.IGNORECASE,
+)
+
+
 def status_failure(status: int) -> str | None:
-    """The outcome a provider's status is, when it is the provider's failure (not 429)."""
-    if status in (401, 403):  # the gateway's own key for this provider, not the client's
-        return "provider_auth"
+    """The outcome a provider's status is, when it is the provider's failure whatever it
+    says (a 401, 403 or 429 is read first: see `refuses_gateway_key`, `request_too_large`)."""
     if status >= 500:
         return "server_error"
     return None
+
+
+def refuses_gateway_key(status: int, body: bytes, model: str) -> bool:
+    """Whether a 401/403 is about the gateway's own credentials (every tenant is refused)
+    rather than the request (the client's, relayed as it is).
+
+    The request's: anything naming a model ("does not have access to model",
+    `model_not_found`, DashScope's `Model.AccessDenied`). The gateway's: a 401 otherwise
+    (the client's key never reaches the provider, and no client header can steer the
+    account), or a 403 about keys, tokens, the account or its region. Any other 403 (a
+    file, a resource, a filter) is the request's. The requested model's own name is left
+    out first: a client cannot name a model "invalid api key" to cool a provider."""
+    said = _error_text(body).replace(model, " ") if model else _error_text(body)
+    if "model" in said.lower():
+        return False
+    return status == 401 or _CREDENTIALS.search(said) is not None
+
+
+def request_too_large(body: bytes, model: str) -> bool:
+    """Whether a 429 says the request is too large (the request's: relayed, cools nothing)."""
+    said = _error_text(body).replace(model, " ") if model else _error_text(body)
+    return _TOO_LARGE.search(said) is not None
+
+
+def _error_text(body: bytes) -> str:
+    """An error answer's code, type and message (OpenAI's `{"error": {...}}` or DashScope's
+    top-level `code`/`message`), or its first bytes when it is not JSON."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:4096].decode("utf-8", "replace")
+    if not isinstance(answer, dict):
+        return ""
+    error = answer.get("error")
+    if isinstance(error, str):
+        return error[:4096]
+    fields = error if isinstance(error, dict) else answer
+    return " ".join(str(fields.get(name) or "")[:4096] for name in ("code", "type", "message"))
 
 
 def retry_after(value: str | None) -> float | None:

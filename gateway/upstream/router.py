@@ -13,16 +13,22 @@ The rules, in the order they apply:
 - **Cooldown.** A deployment is skipped for `cooldown` after `failures_before_cooldown`
   failures in a row; after a 429 for its `Retry-After` (at most `max_cooldown`), else
   `rate_limited_cooldown`. A DashScope `Arrearage` or a provider refusing the gateway's
-  key (401/403) cools every deployment of that provider: the account serves no one, and a
-  credential rarely fixes itself. Any answer that is not a failure resets the count
-  (unless its request was sent before the last failure); the client tells a stream's
-  verdict once it has ended, so one broken mid-body counts as one failure.
+  key cools every deployment of that provider: the account serves no one, and a
+  credential rarely fixes itself. A failure given with a `fingerprint` (of the request
+  body: a 5xx, a read timeout) counts only if no failure of this run had that fingerprint:
+  one request that a provider cannot serve, sent again and again, is not the provider
+  being down. Any answer that is not a failure resets the count (unless its request was
+  sent before the last failure); the client tells a stream's verdict once it has ended,
+  so one broken mid-body counts as one failure. Which answers are failures is attempts.py's.
 - **Capacity.** A provider with `max_concurrent` requests in flight is skipped, as if it
   were cooling down, but without a penalty; the client answers 503 when all are full.
 
 The state is this process's own (see the README on several replicas). Deployments whose
-provider model is the client's own (wildcards) share one state per route: their key is
-the route's pattern, so that the state and the cooldown gauge stay bounded.
+provider model is the client's own (wildcards) are keyed by the route's pattern (bounded
+gauge labels), and keep, besides, a state per upstream model (the last `MODEL_STATES` used,
+since the names are the clients'): one model's 429 or 5xx cools that model there, not
+every model behind the route. A connection failure, a refused key or `Arrearage` is the
+deployment's, whatever the model.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import Deployment, ModelRoute, Provider, RoutingPolicy, Settings
 
@@ -41,6 +47,13 @@ DeploymentKey = tuple[str, str]
 OnCooldown = Callable[[DeploymentKey, bool], None]
 # Failures that say the provider serves no one with this account: all its deployments cool.
 _WHOLE_PROVIDER = frozenset({"arrearage", "provider_auth"})
+# Failures that are the deployment's whatever model it was asked for.
+_DEPLOYMENT_WIDE = frozenset({"connect"})
+# Upstream models of wildcard deployments with a state of their own, least recently used
+# dropped first: the names are the clients' choice.
+MODEL_STATES = 1024
+# Fingerprints remembered per run of failures: enough to tell "the same request again".
+_FINGERPRINTS = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class Candidate:
     rewrite: bool  # the request body's `model` has to be replaced by upstream_model
     key: DeploymentKey
     weight: float
+    # A wildcard deployment (the client's model sent upstream): health kept per model too.
+    per_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,14 @@ class _Health:
     failures: int = 0  # in a row
     cooling_until: float = float("-inf")
     last_failure: float = float("-inf")
+    # The request bodies whose failure this run has counted (see Router.failed).
+    fingerprints: list[int] = field(default_factory=list)
+
+    def reset(self, now: float) -> None:
+        self.failures = 0
+        self.fingerprints.clear()
+        if self.cooling_until > now:
+            self.cooling_until = float("-inf")
 
 
 class Slot:
@@ -107,9 +130,18 @@ class Router:
         patterns.sort(key=lambda r: -len(r.name.replace("*", "")))
         self._patterns = [(_glob(r.name), r) for r in patterns]
         self.keys = tuple(dict.fromkeys(_key(r, d) for r in settings.routes for d in r.deployments))
+        # Wildcard deployments: the client's model is sent, each with a state of its own.
+        self._per_model = frozenset(
+            _key(r, d) for r in patterns for d in r.deployments if d.model is None
+        )
         self._lock = threading.Lock()
         self._health: dict[DeploymentKey, _Health] = {key: _Health() for key in self.keys}
-        self._gauged: set[DeploymentKey] = set()
+        # Wildcard deployments' state per upstream model, bounded (least recently used out).
+        self._models: OrderedDict[tuple[DeploymentKey, str], _Health] = OrderedDict()
+        # Until when each deployment's gauge is on (its own cooldown or one of its models').
+        self._gauged: dict[DeploymentKey, float] = {}
+        # Deployments that refused stream_options once: never sent it again (a fixed set).
+        self._no_stream_options: set[DeploymentKey] = set()
         self._in_flight: Counter[DeploymentKey] = Counter()
         self._provider_in_flight: Counter[str] = Counter()
 
@@ -148,20 +180,37 @@ class Router:
             self._in_flight[candidate.key] += 1
             return Slot(self, candidate, self._clock())
 
-    def succeeded(self, key: DeploymentKey, started: float | None = None) -> None:
+    def succeeded(
+        self, key: DeploymentKey, started: float | None = None, *, model: str | None = None
+    ) -> None:
         """Reset the count (and a cooldown), unless the attempt began before the last failure:
-        a slow answer to a request sent before a 429 says nothing about the deployment now."""
+        a slow answer to a request sent before a 429 says nothing about the deployment now.
+        `model`: the upstream model, whose own state (a wildcard deployment's) is reset too."""
         with self._lock:
-            health = self._health[key]
-            if started is not None and started < health.last_failure:
-                return
-            health.failures = 0
-            if health.cooling_until > self._clock():
-                health.cooling_until = float("-inf")
-            self._refresh(self._clock())
+            now = self._clock()
+            states = [self._health[key]]
+            if model is not None and (state := self._models.get((key, model))) is not None:
+                states.append(state)
+            for health in states:
+                if started is None or started >= health.last_failure:
+                    health.reset(now)
+            self._regauge(key, now)
+            self._refresh(now)
 
-    def failed(self, key: DeploymentKey, outcome: str, retry_after: float | None = None) -> None:
-        """Count a failure; `outcome` is rate_limited, arrearage, provider_auth or another."""
+    def failed(
+        self,
+        key: DeploymentKey,
+        outcome: str,
+        retry_after: float | None = None,
+        *,
+        model: str | None = None,
+        fingerprint: int | None = None,
+    ) -> None:
+        """Count a failure; `outcome` is rate_limited, arrearage, provider_auth or another.
+
+        `model`: the upstream model (a wildcard deployment then counts it against that
+        model alone); `fingerprint`: the request body's, for failures a request can cause
+        by itself (the same body failing again in this run is not counted again)."""
         policy = self.policy
         with self._lock:
             now = self._clock()
@@ -169,24 +218,39 @@ class Router:
                 same_provider = [k for k in self.keys if k[0] == key[0]]
                 self._cool(same_provider, now, policy.cooldown)
                 return
-            health = self._health[key]
+            health = self._state(key, model, outcome)
+            if fingerprint is not None:
+                if fingerprint in health.fingerprints:
+                    return  # the same request again: nothing new about the deployment
+                health.fingerprints = [*health.fingerprints[-_FINGERPRINTS + 1 :], fingerprint]
             health.failures += 1
             health.last_failure = now
             if outcome == "rate_limited":
                 seconds = policy.rate_limited_cooldown
                 if retry_after is not None:
                     seconds = min(max(retry_after, 0.0), policy.max_cooldown)
-                self._cool([key], now, seconds)
+                self._cool_state(key, health, now, seconds)
             elif health.failures >= policy.failures_before_cooldown:
                 # The count is kept: after the cooldown, one more failure cools it again.
-                self._cool([key], now, policy.cooldown)
+                self._cool_state(key, health, now, policy.cooldown)
+
+    def sends_stream_options(self, key: DeploymentKey) -> bool:
+        """Whether the gateway may add stream_options to this deployment's streams."""
+        with self._lock:
+            return key not in self._no_stream_options
+
+    def refuses_stream_options(self, key: DeploymentKey) -> None:
+        """The deployment answered 400 to the stream_options the gateway added, and served
+        the same request without it: never add it there again (this process)."""
+        with self._lock:
+            self._no_stream_options.add(key)
 
     def cooling(self) -> list[DeploymentKey]:
         """The deployments cooling down now (and the gauge brought up to date)."""
         with self._lock:
             now = self._clock()
             self._refresh(now)
-            return [k for k, h in self._health.items() if h.cooling_until > now]
+            return [k for k, until in self._gauged.items() if until > now]
 
     def in_flight(self, key: DeploymentKey) -> int:
         with self._lock:
@@ -200,13 +264,41 @@ class Router:
     # --- under the lock --------------------------------------------------------------
     def _order(self, candidates: list[Candidate]) -> tuple[Candidate, ...]:
         now = self._clock()
-        ready = [c for c in candidates if self._health[c.key].cooling_until <= now]
+        ready = [c for c in candidates if self._cooling_until(c) <= now]
         if not ready:
-            return (min(candidates, key=lambda c: self._health[c.key].last_failure),)
+            return (min(candidates, key=self._last_failure),)
         ordered = self._weighted_order(ready)
         if self.policy.strategy == "least-in-flight":
             ordered.sort(key=lambda c: self._in_flight[c.key])  # stable: random among equals
         return tuple(ordered)
+
+    def _states(self, candidate: Candidate) -> list[_Health]:
+        states = [self._health[candidate.key]]
+        if candidate.per_model:
+            state = self._models.get((candidate.key, candidate.upstream_model))
+            if state is not None:
+                states.append(state)
+        return states
+
+    def _cooling_until(self, candidate: Candidate) -> float:
+        return max(h.cooling_until for h in self._states(candidate))
+
+    def _last_failure(self, candidate: Candidate) -> float:
+        return max(h.last_failure for h in self._states(candidate))
+
+    def _state(self, key: DeploymentKey, model: str | None, outcome: str) -> _Health:
+        """The state a failure counts against: a wildcard deployment's model's, unless the
+        failure is the deployment's whatever the model (a connection refused)."""
+        if model is None or key not in self._per_model or outcome in _DEPLOYMENT_WIDE:
+            return self._health[key]
+        state = self._models.get((key, model))
+        if state is None:
+            state = self._models[(key, model)] = _Health()
+            if len(self._models) > MODEL_STATES:
+                self._models.popitem(last=False)
+        else:
+            self._models.move_to_end((key, model))
+        return state
 
     def _weighted_order(self, pool: list[Candidate]) -> list[Candidate]:
         pool = list(pool)
@@ -224,16 +316,29 @@ class Router:
 
     def _cool(self, keys: Iterable[DeploymentKey], now: float, seconds: float) -> None:
         for key in keys:
-            health = self._health[key]
-            health.last_failure = now
-            health.cooling_until = max(health.cooling_until, now + seconds)
-            if key not in self._gauged:
-                self._gauged.add(key)
-                self._on_cooldown(key, True)
+            self._cool_state(key, self._health[key], now, seconds)
+
+    def _cool_state(self, key: DeploymentKey, health: _Health, now: float, seconds: float) -> None:
+        health.last_failure = now
+        health.cooling_until = max(health.cooling_until, now + seconds)
+        if key not in self._gauged:
+            self._on_cooldown(key, True)
+        self._gauged[key] = max(self._gauged.get(key, now), health.cooling_until)
+
+    def _regauge(self, key: DeploymentKey, now: float) -> None:
+        """After a reset: the gauge's end is the longest cooldown left at that deployment."""
+        if key not in self._gauged:
+            return
+        until = self._health[key].cooling_until
+        if key in self._per_model:
+            for (deployment, _), state in self._models.items():
+                if deployment == key:
+                    until = max(until, state.cooling_until)
+        self._gauged[key] = until
 
     def _refresh(self, now: float) -> None:
-        for key in [k for k in self._gauged if self._health[k].cooling_until <= now]:
-            self._gauged.discard(key)
+        for key in [k for k, until in self._gauged.items() if until <= now]:
+            del self._gauged[key]
             self._on_cooldown(key, False)
 
     def _leave(self, candidate: Candidate) -> None:
@@ -248,6 +353,7 @@ class Router:
             rewrite=upstream_model != model,
             key=_key(route, deployment),
             weight=deployment.weight,
+            per_model=_key(route, deployment) in self._per_model,
         )
 
 

@@ -349,3 +349,33 @@ def test_wildcard_deployments_share_one_state_per_route() -> None:
 
     assert router.cooling() == [("cn", "qwen-*")]
     assert router.keys == (("cn", "qwen-*"),)
+
+
+def test_a_failure_with_a_fingerprint_already_counted_is_not_counted_again() -> None:
+    router = Router(settings({"m": [d("a"), d("b")]}, failures_before_cooldown=2), clock=Clock())
+    a: DeploymentKey = ("a", "m")
+
+    for _ in range(5):  # the same request body failing again and again
+        router.failed(a, "server_error", fingerprint=1)
+    assert router.cooling() == []
+    router.failed(a, "server_error", fingerprint=2)  # another request fails too
+    assert router.cooling() == [a]
+
+
+def test_a_wildcard_deployment_cools_per_model_but_a_refused_connection_for_all() -> None:
+    router = Router(settings({"*": [d("a"), d("b")]}, failures_before_cooldown=1), clock=Clock())
+
+    router.failed(("a", "*"), "server_error", model="x")
+    assert (order(router, "x"), sorted(order(router, "y"))) == (["b"], ["a", "b"])
+    router.failed(("a", "*"), "connect", model="y")
+    assert order(router, "z") == ["b"]
+    assert router.cooling() == [("a", "*")]
+
+
+def test_stream_options_are_dropped_for_a_deployment_that_refused_them() -> None:
+    router = Router(settings({"m": [d("a"), d("b")]}))
+
+    router.refuses_stream_options(("a", "m"))
+
+    assert not router.sends_stream_options(("a", "m"))
+    assert router.sends_stream_options(("b", "m"))
