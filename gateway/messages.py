@@ -142,6 +142,7 @@ class MessagesDialect:
                 model=candidate.upstream_model,
                 provider_kind=provider.kind,
                 include_usage=include_usage,
+                max_tokens_cap=candidate.max_output_tokens,
             )
         except ProtocolError as exc:  # content Chat Completions cannot carry
             raise GatewayError(400, exc.message, param=exc.param) from None

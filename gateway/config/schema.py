@@ -121,9 +121,8 @@ class Provider(_Frozen):
             return data
         data = dict(data)
         preset = data.get("preset")
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+        # An unknown one is refused by _preset, where the error names providers.x.preset.
+        if isinstance(preset, str) and preset in PRESETS:
             data.setdefault("base_url", PRESETS[preset])
             data.setdefault("kind", preset.split("-")[0])
         if "api_key" in data and "api_key_env" in data:
@@ -137,6 +136,13 @@ class Provider(_Frozen):
                 raise ValueError(f"api_key_env: {env_name} is not set in the environment")
             data["api_key"] = value
         return data
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; one of {', '.join(PRESETS)}")
+        return value
 
     @field_validator("base_url", "anthropic_base_url")
     @classmethod
@@ -195,6 +201,9 @@ class Deployment(_Frozen):
     # The provider's model name; None sends the client's own (wildcard routes).
     model: str | None = None
     weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    # The most output tokens this model gives: a translated Messages request's max_tokens
+    # (Claude Code asks 32,000-64,000) is lowered to it rather than refused by the provider.
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -67,6 +67,7 @@ class Candidate:
     weight: float
     # A wildcard deployment (the client's model sent upstream): health kept per model too.
     per_model: bool = False
+    max_output_tokens: int | None = None  # the deployment's, if configured
 
 
 @dataclass(frozen=True)
@@ -354,6 +355,7 @@ class Router:
             key=_key(route, deployment),
             weight=deployment.weight,
             per_model=_key(route, deployment) in self._per_model,
+            max_output_tokens=deployment.max_output_tokens,
         )
 
 

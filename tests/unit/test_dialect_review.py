@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import orjson
@@ -346,3 +346,25 @@ def test_a_provider_key_streamed_escaped_is_masked_once_translated(
         text = answer.get_data(as_text=True)
     # The key never appears whole, in a delta or in the final object that repeats the text.
     assert UPSTREAM_KEY not in text
+
+
+def test_a_deployments_max_output_tokens_caps_a_translated_max_tokens(
+    make_app: Callable[..., Flask],
+) -> None:
+    chat = Provider(name="chat", base_url=CHAT, api_key=UPSTREAM_KEY)
+    route = ModelRoute(
+        name="claude-*",
+        deployments=(Deployment(provider="chat", model="qwen-max", max_output_tokens=8192),),
+    )
+    client = make_app(target_api_key="", providers=(chat,), routes=(route,)).test_client()
+    body = {
+        "model": "claude-opus-5",
+        "max_tokens": 64000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    with responses.RequestsMock() as upstream:
+        upstream.post(f"{CHAT}/chat/completions", json=CHAT_ANSWER)
+        assert client.post("/v1/messages", json=body, headers=AUTH).status_code == 200
+        sent = orjson.loads(upstream.calls[0].request.body)
+    assert sent["model"] == "qwen-max"
+    assert sent["max_tokens"] == 8192
