@@ -13,6 +13,13 @@ which ends whatever the request thread was blocked on. An exchange whose answer 
 whole may instead answer `CLIENT_GONE` with a time: it is read on for its usage, and
 ended then (with `DEADLINE`) if it is still going.
 
+A client that closed after sending more than its request (one pipelined byte is enough)
+has unread bytes before its end-of-file: readable is then not alive. The peer's FIN is
+seen as POLLRDHUP whatever is still unread, and that is what decides.
+
+`end_all()` ends every exchange still watched, as at its deadline: a worker whose drain
+is over ends its streams that way (each with its dialect's error event) and exits on time.
+
 Known limit: a client that half-closes its side (shutdown(SHUT_WR)) counts as gone, as
 with nginx.
 """
@@ -39,6 +46,8 @@ OnEnd = Callable[[str], float | None]
 CLIENT_GONE = "client_gone"
 DEADLINE = "deadline"
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+# A client that sent more than its request: its bytes stay unread, so only its end matters.
+_HANGUP_EVENTS = select.EPOLLRDHUP | select.EPOLLONESHOT
 # The longest the thread sleeps: a deadline added while it sleeps is kept at most this late.
 _TICK_SECONDS = 0.5
 
@@ -176,8 +185,10 @@ class DisconnectWatcher:
                 self._end(entry, CLIENT_GONE)
             elif state == "idle":  # a false alarm: watch again
                 epoll.modify(fd, _EVENTS)
-            # "data": the client sent more (a pipelined request); stop watching it rather
-            # than wake up for the same bytes again and again (its deadline still holds).
+            else:
+                # "data": the client sent more (a pipelined request) and is still there:
+                # watched for its end only, not woken again for the same unread bytes.
+                epoll.modify(fd, _HANGUP_EVENTS)
 
     def _expire(self, now: float) -> None:
         with self._lock:
@@ -185,6 +196,15 @@ class DisconnectWatcher:
                 _, _, entry = heapq.heappop(self._deadlines)
                 if entry.active:
                     self._end(entry, DEADLINE)
+
+    def end_all(self) -> int:
+        """End every exchange still watched, now, as at its deadline; how many there were."""
+        with self._lock:
+            found = {id(e): e for e in self._by_fd.values() if e.active}
+            found.update({id(e): e for _, _, e in self._deadlines if e.active})
+            for entry in found.values():
+                self._end(entry, DEADLINE)
+            return len(found)
 
     def _end(self, entry: _Watch, reason: str) -> None:
         entry.active = False
@@ -200,8 +220,13 @@ def _peer_state(client: socket.socket) -> str:
     # readability before recv() even with MSG_DONTWAIT, which would hold the request here.
     poller = select.poll()
     poller.register(client.fileno(), select.POLLIN | select.POLLRDHUP)
-    if not poller.poll(0):
+    ready = poller.poll(0)
+    if not ready:
         return "idle"
+    # The peer's FIN (or a reset), even behind bytes it sent and nobody read: gone. Peeking
+    # alone would see those bytes and take the client for alive.
+    if ready[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+        return "closed"
     try:
         peeked = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:

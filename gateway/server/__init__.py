@@ -6,6 +6,10 @@
 - `threads.py`: the request threads (stack size, started at boot).
 - `probes.py`: answering `/health` and `/ready` on the main loop, through the app.
 - `lingering.py`: closing client sockets gracefully without blocking the main loop.
+- `draining.py`: a worker's drain bounded by graceful_timeout (no new request, streams
+  ended with their error event, exit on time).
+- `handover.py`: workers report their boot; a reload's old workers serve until the new
+  ones are ready, and stay if they cannot boot.
 - `reloading.py`: SIGHUP in the master: new settings and app checked before any worker
   is replaced (also imports `gateway.logs`; gunicorn.conf.py passes it the app factory).
 

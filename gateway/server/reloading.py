@@ -6,13 +6,16 @@ is not enough here: with `preload_app` the new workers would serve the app cache
 old keys and all, and a `ConfigError` raised while gunicorn.conf.py runs (a `SystemExit`)
 would end the master with every stream open. So the master checks first:
 
-1. load the settings (`load_settings`: the environment, ENV_FILE, GATEWAY_CONFIG) and build
-   the app from them, here in the master;
-2. if either fails: one error line says why, and nothing else happens (same workers, same
-   streams, same settings: a restart for nothing would also cut streams longer than
+1. load the settings (`load_settings`: the environment, ENV_FILE, GATEWAY_CONFIG), check
+   that workers of the new thread count fit this process's limits (`boot_shortfall`:
+   address space, tasks, open files) and build the app from them, here in the master;
+2. if any of it fails: one error line says why, and nothing else happens (same workers,
+   same streams, same settings: a restart for nothing would also cut streams longer than
    graceful_timeout and, with memory://, reset the rate-limit counters);
 3. otherwise: the new app replaces gunicorn's cached one, then gunicorn's reload runs,
-   without its wait for the old workers (see `_without_drain_wait`).
+   without its wait for the old workers (see `_without_drain_wait`), and the old workers
+   serve until the new ones are ready; if a new one cannot boot after all, the reload is
+   rolled back (see handover.py).
 
 May import `gateway.config` and `gateway.logs`; the app factory is passed in by
 gunicorn.conf.py (only the entry points import it).
@@ -28,6 +31,8 @@ from loguru import logger
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.logs import configure_logging
+from gateway.server.handover import Handover, open_reports
+from gateway.server.threads import boot_shortfall
 
 
 @dataclasses.dataclass
@@ -63,24 +68,44 @@ def check_reloads(server: Any, settings: Settings, build_app: Callable[[Settings
     """
     _in_force.settings = settings
     gunicorn_reload = server.reload
+    handover = Handover.install(server, open_reports())
 
     def reload() -> None:
+        if handover.pending:
+            logger.warning(
+                "reload ignored: the previous reload's workers are still starting; "
+                "send SIGHUP again once they serve"
+            )
+            return
         previous = settings_for_gunicorn()
         accepted = _load_and_build(previous, build_app)
         if accepted is None:
             return
         new_settings, app = accepted
+        handover.begin(roll_back=_rolling_back(server, previous, server.app.callable))
         _in_force.settings = new_settings
         # gunicorn's reload keeps `callable`; setup() and the new workers' wsgi() return it.
         server.app.callable = app
         logger.info(
-            "configuration reloaded: {}; new workers serve it, requests in flight finish "
-            "on the previous one",
+            "configuration reloaded: {}; new workers start on it, the previous ones serve "
+            "until they are ready, then finish their requests in flight",
             describe_changes(previous, new_settings),
         )
         _without_drain_wait(server, gunicorn_reload)
 
     server.reload = reload
+
+
+def _rolling_back(server: Any, previous: Settings, app: Any) -> Callable[[], None]:
+    """Back to `previous` and its app, as if the reload had been refused."""
+
+    def roll_back() -> None:
+        _in_force.settings = previous
+        server.app.callable = app
+        server.app.reload()  # executes gunicorn.conf.py again: it reads `previous`
+        server.setup(server.app)
+
+    return roll_back
 
 
 class _DrainInMainLoop(Exception):  # noqa: N818 - a way out, not an error
@@ -138,6 +163,9 @@ def _load_and_build(
             previous.port,
         )
         settings = dataclasses.replace(settings, port=previous.port)
+    if shortfall := boot_shortfall(settings.gunicorn_threads, settings.gunicorn_workers):
+        _refuse(shortfall)
+        return None
     try:
         return settings, build_app(settings)
     except (ConfigError, Exception) as error:  # noqa: BLE001 - as above

@@ -21,12 +21,17 @@ On top of that, this worker:
 6. Closes its listening socket when it stops accepting on SIGTERM, so new connections are
    refused at once instead of hanging through the drain (the arbiter closed its copy).
 7. Writes gunicorn's own rejections (400, 414, 431...) as OpenAI-shaped JSON (replies.py).
+8. Reports its boot to the master (handover.py): a reload's old workers serve until it is
+   ready, and stay if it cannot boot.
+9. Drains within graceful_timeout (draining.py): no new request once draining, streams
+   still open near the end get their error event, and the worker exits on time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import selectors
 import socket
 import sys
@@ -41,6 +46,8 @@ from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from gateway.config import Settings
+from gateway.server.draining import Drain, draining_reply, end_streams, leave_now
+from gateway.server.handover import report_boot_failure, report_ready
 from gateway.server.heads import Head, head_state, is_inline_probe, max_head_bytes
 from gateway.server.lingering import Lingering
 from gateway.server.probes import render_probe
@@ -93,11 +100,22 @@ class GatewayThreadWorker(ThreadWorker):
         # 503s answered since the last log line about them, and when that line was.
         self.refused = 0
         self.refused_logged_at = 0.0
+        self.drain: Drain | None = None
+        self.booted_accepting = False
 
     def init_process(self) -> None:
         # Only this worker process is affected: it answers every HTTP client through this.
         util.write_error = write_openai_error
-        super().init_process()
+        try:
+            super().init_process()
+        except Exception as error:
+            if self.booted:
+                raise
+            # Could not boot (its threads do not fit, typically): the master decides, once,
+            # what that means (handover.py). os._exit: the threads already started wait on
+            # their start barrier, and a normal exit would wait for them.
+            report_boot_failure(f"{type(error).__name__}: {error}")
+            os._exit(0)
 
     def get_thread_pool(self) -> futures.ThreadPoolExecutor:
         return thread_pool(self.cfg.threads, alive=self.notify)
@@ -108,9 +126,15 @@ class GatewayThreadWorker(ThreadWorker):
         sys.setswitchinterval(self.settings.gil_switch_interval)
         self.lingering = Lingering(self.poller)
         super().run()
+        if self.in_flight:  # gthread's graceful_timeout passed with threads still busy
+            leave_now(self.log, self.pid, self.in_flight)
 
     def set_accept_enabled(self, enabled: bool) -> None:
+        first = enabled and not self.booted_accepting
         super().set_accept_enabled(enabled)
+        if first:
+            self.booted_accepting = True
+            report_ready()
         if not enabled and not self.alive:
             for listener in self.sockets:
                 listener.close()
@@ -199,6 +223,9 @@ class GatewayThreadWorker(ThreadWorker):
         conn.data_ready = True  # gthread's thread must not wait for data again
         if is_inline_probe(head):
             self._answer_probe(conn)
+        elif not self.alive:  # draining: no new request (see draining.py)
+            send_now(conn.sock, draining_reply())
+            self._finish(conn, keep_alive=False)
         else:
             self._submit(conn)
         return True
@@ -224,10 +251,38 @@ class GatewayThreadWorker(ThreadWorker):
             self._finish(conn, keep_alive=False)
 
     def _cap_keepalive(self, deadline: float) -> None:
-        # Draining: heads being read get as long as kept-alive connections, no longer.
+        # gthread calls this once, as its drain starts. Heads being read get as long as
+        # kept-alive connections, no longer.
         super()._cap_keepalive(deadline)
         for conn in self.reading:
             conn.head_deadline = min(conn.head_deadline, deadline)
+        if self.drain is None:
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        """No new request from now on: idle connections are closed at once."""
+        self.drain = Drain(self.cfg.graceful_timeout, time.monotonic())
+        idle = len(self.keepalived_conns)
+        self.murder_keepalived(force=True)
+        for conn in [c for c in self.reading if not c.head]:
+            self._stop_reading(conn)
+            self._finish(conn, keep_alive=False)
+            idle += 1
+        self.log.info(
+            "draining: %d idle connection(s) closed, %d request(s) in flight have until "
+            "graceful_timeout (%g s)",
+            idle,
+            self.in_flight,
+            self.cfg.graceful_timeout,
+        )
+
+    def finish_request(self, conn: Any, fs: futures.Future[Any]) -> None:
+        # Draining: a connection is never kept for another request, which this worker
+        # (retired by a reload: old keys, old routes) must not serve.
+        if not self.alive and _kept_alive(fs):
+            fs = futures.Future()
+            fs.set_result(False)
+        super().finish_request(conn, fs)
 
     # -- probes, answered on the main loop ----------------------------------------------
 
@@ -299,6 +354,23 @@ class GatewayThreadWorker(ThreadWorker):
         self._expire_waiting(now)
         self.lingering.expire(now)
         self._log_refusals(now)
+        if self.drain is not None:
+            self._bound_drain(self.drain, now)
+
+    def _bound_drain(self, drain: Drain, now: float) -> None:
+        if not drain.streams_ended and now >= drain.end_streams_at:
+            drain.streams_ended = True
+            ended = end_streams(self.wsgi)
+            if self.in_flight:
+                self.log.warning(
+                    "graceful_timeout (%g s) is ending: %d request(s) still in flight end "
+                    "now (%d provider exchange(s) ended, streams with an error event)",
+                    drain.graceful_timeout,
+                    self.in_flight,
+                    ended,
+                )
+        elif drain.streams_ended and now >= drain.leave_at and self.in_flight:
+            leave_now(self.log, self.pid, self.in_flight)
 
     def _until_next_deadline(self) -> float:
         deadlines = [self.lingering.next_deadline()]
@@ -306,6 +378,8 @@ class GatewayThreadWorker(ThreadWorker):
             deadlines.append(next(iter(self.reading)).head_deadline)
         if self.waiting:
             deadlines.append(self.waiting[0][0])
+        if self.drain is not None:
+            deadlines.append(self.drain.next_deadline())
         soonest = min((d for d in deadlines if d is not None), default=None)
         return 1.0 if soonest is None else max(0.0, soonest - time.monotonic())
 
@@ -322,3 +396,8 @@ class GatewayThreadWorker(ThreadWorker):
                 self.settings.client_write_timeout,
             )
             return False
+
+
+def _kept_alive(fs: futures.Future[Any]) -> bool:
+    """Whether gthread would keep the connection for another request after `fs`."""
+    return fs.done() and not fs.cancelled() and fs.exception() is None and bool(fs.result())

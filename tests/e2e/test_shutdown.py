@@ -73,35 +73,28 @@ def port_of(gateway: Gateway) -> int:
     return int(gateway.url.rsplit(":", 1)[1])
 
 
-def ready_until_draining(session: requests.Session, gateway: Gateway) -> requests.Response:
-    """Ask /ready on one kept-alive connection until the worker has seen SIGTERM.
-
-    gunicorn's gthread worker still answers requests on kept-alive connections for 2 s
-    after SIGTERM; new connections are refused (see the next test).
-    """
-    deadline = time.monotonic() + 1.5
-    while True:
-        response = session.get(gateway.url + "/ready", timeout=2)
-        if response.status_code != 200 or time.monotonic() > deadline:
-            return response
-        time.sleep(0.05)
-
-
 def test_sigterm_drains_a_stream_and_exits_zero(
     start_gateway: GatewayFactory, auth: dict[str, str]
 ) -> None:
     gateway = start_gateway()
-    session = requests.Session()
-    # Opens the kept-alive connection the drain check below reuses.
-    assert session.get(gateway.url + "/ready", timeout=5).status_code == 200
+    # An idle kept-alive connection, and one whose probe is on its way when SIGTERM comes.
+    idle = socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=5)
+    idle.sendall(b"GET /ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+    probing = socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=5)
+    probing.sendall(b"GET /ready HTTP/1.1\r\n")
     stream = StreamInFlight(gateway, auth, chunks=8, delay=0.4)
 
     signalled_at = time.monotonic()
     gateway.process.send_signal(signal.SIGTERM)
 
-    ready = ready_until_draining(session, gateway)
-    assert ready.status_code == 503, ready.text
-    assert ready.json()["checks"]["shutdown"] == "draining"
+    # The drain serves no new request: the idle connection is closed at once...
+    assert idle.recv(65536) == b"", "an idle kept-alive connection was kept while draining"
+    # ... and a probe finishing its head meanwhile learns why, on a closing connection.
+    probing.sendall(b"Host: gw\r\n\r\n")
+    ready = probing.recv(65536)
+    assert ready.startswith(b"HTTP/1.1 503") and b'"draining"' in ready, ready
+    assert b"connection: close" in ready.lower()
     assert stream.finished_at is None, "the stream ended before the drain was observed"
 
     stream.join(timeout=20)

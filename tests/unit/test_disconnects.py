@@ -80,7 +80,54 @@ def test_data_from_the_client_is_not_a_disconnect() -> None:
             watcher.watch(probe, ended)
             probe_peer.close()
             assert ended.event.wait(10)
-    assert called == []
+        # Asked before the client closes: the watch goes on (see the next test).
+        assert called == []
+    watcher.close()
+
+
+def test_a_client_gone_after_sending_more_than_its_request_is_a_disconnect() -> None:
+    # Issue 19 item 5: the request, one more byte, then a close. Unread, that byte made the
+    # socket readable with data, and the client was taken for alive (its provider stream
+    # ran on for nobody).
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    ended = Ended()
+    with server:
+        watcher.watch(server, ended)
+        client.sendall(b"x")
+        time.sleep(0.2)  # the watcher sees the byte first, the client still there
+        assert ended.reasons == []
+        client.close()
+        assert ended.event.wait(10), "the client's close behind an unread byte went unseen"
+    assert ended.reasons == [CLIENT_GONE]
+    watcher.close()
+
+
+def test_a_client_gone_behind_an_unread_byte_before_the_watch_is_reported_at_once() -> None:
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    client.sendall(b"x")
+    client.close()
+    ended = Ended()
+    with server:
+        watcher.watch(server, ended)
+        assert ended.reasons == [CLIENT_GONE]  # synchronously, on this thread
+    watcher.close()
+
+
+def test_end_all_ends_every_watched_exchange_as_at_its_deadline() -> None:
+    # A draining worker's last step before graceful_timeout: streams still open end now.
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    with_client, without_client = Ended(), Ended()
+    with server, client:
+        watcher.watch(server, with_client, deadline=time.monotonic() + 600)
+        watcher.watch(None, without_client, deadline=time.monotonic() + 600)
+        unwatched = watcher.watch(None, Ended(), deadline=time.monotonic() + 600)
+        unwatched()
+        assert watcher.end_all() == 2
+        assert with_client.reasons == [DEADLINE] and without_client.reasons == [DEADLINE]
+        assert watcher.end_all() == 0  # each once
     watcher.close()
 
 

@@ -3,7 +3,9 @@ stack size, lingering closes, and the capacity settings."""
 
 from __future__ import annotations
 
+import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -202,3 +204,55 @@ def test_capacity_settings_refuse_what_is_not_a_timeout(variable: str, value: st
     with pytest.raises(ConfigError) as raised:
         load_settings({**REQUIRED, variable: value})
     assert variable in raised.value.message
+
+
+class _Arbiter:
+    """What Handover uses of gunicorn's arbiter."""
+
+    WORKER_BOOT_ERROR = 3
+
+    def __init__(self, workers: set[int]) -> None:
+        self.WORKERS = dict.fromkeys(workers)
+        self.num_workers = len(workers)
+        self.managed = 0
+        self.killed: list[tuple[int, int]] = []
+
+    def manage_workers(self) -> None:
+        self.managed += 1
+
+    def kill_worker(self, pid: int, sig: int) -> None:
+        self.killed.append((pid, sig))
+
+
+def test_a_reload_whose_new_worker_cannot_boot_keeps_the_old_one_and_rolls_back() -> None:
+    from gateway.server.handover import BootReports, Handover
+
+    server, reports = _Arbiter({100}), BootReports()
+    handover = Handover.install(server, reports)
+    rolled_back: list[bool] = []
+    handover.begin(roll_back=lambda: rolled_back.append(True))
+    server.WORKERS[200] = None  # the reload's new worker, booting: the old one stays
+    server.manage_workers()
+    assert server.managed == 0 and handover.pending
+
+    os.write(reports.write_fd, b"200 failed RuntimeError: can't start new thread\n")
+    server.manage_workers()
+    assert rolled_back == [True] and server.managed == 0
+    assert server.killed == [(200, signal.SIGTERM)]
+    del server.WORKERS[200]  # reaped
+    server.manage_workers()
+    assert not handover.pending and server.managed == 1 and set(server.WORKERS) == {100}
+
+
+def test_a_reload_hands_over_once_every_new_worker_is_ready() -> None:
+    from gateway.server.handover import BootReports, Handover
+
+    server, reports = _Arbiter({100}), BootReports()
+    handover = Handover.install(server, reports)
+    handover.begin(roll_back=lambda: None)
+    server.WORKERS[os.getpid()] = None
+    server.manage_workers()
+    assert server.managed == 0
+    reports.send("ready")  # from the new worker (this process stands in for it)
+    server.manage_workers()
+    assert not handover.pending and server.managed == 1  # gunicorn now stops the old one
