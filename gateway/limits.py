@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 
@@ -96,6 +97,8 @@ def init_rate_limits(
     limiter.init_app(app)
     logging.getLogger("flask-limiter").addFilter(_no_traceback)
     state = StorageState(limiter, metrics)
+    # The worker that answers a scrape has written its own value, whatever it served.
+    metrics.before_scrape.append(state.observe)
     app.extensions["gateway.limiter"] = limiter
     app.extensions["gateway.limit_storage"] = state
     app.after_request(lambda response: _add_headers(limiter, state, response))
@@ -107,13 +110,20 @@ class StorageState:
 
     A probe must not wait for a Redis that stopped answering; the limiter learns the state
     on every request, and the gauge follows it.
+
+    Each process writes its own value the first time it observes, not only on a change:
+    with PROMETHEUS_MULTIPROC_DIR a forked worker's first metric update gives every gauge
+    of its file a 0, and the master's 1 is not in the files the workers share (they are
+    emptied at start), so a worker that only wrote on a change reported "down" for a
+    Redis that was up.
     """
 
     def __init__(self, limiter: Limiter, metrics: GatewayMetrics) -> None:
         self._limiter = limiter
         self._gauge = metrics.rate_limit_storage_up
-        self._gauge.set(1)
         self._up = True
+        self._written_by: int | None = None  # the process that last wrote the gauge
+        self._lock = threading.Lock()
 
     @property
     def description(self) -> str:
@@ -124,9 +134,10 @@ class StorageState:
     def observe(self) -> bool:
         # flask-limiter's own flag: set when it falls back to memory, cleared on recovery.
         up = not getattr(self._limiter, "_storage_dead", False)
-        if up != self._up:
-            self._up = up
-            self._gauge.set(1 if up else 0)
+        if up != self._up or self._written_by != os.getpid():
+            with self._lock:
+                self._up, self._written_by = up, os.getpid()
+                self._gauge.set(1 if up else 0)
         return up
 
 

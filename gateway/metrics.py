@@ -2,13 +2,18 @@
 
 Each app gets its own registry, so tests can build many apps. With several gunicorn workers,
 set PROMETHEUS_MULTIPROC_DIR: values then live in shared files and `/metrics` aggregates them.
+With METRICS_KEY set, `/metrics` answers only `Authorization: Bearer <METRICS_KEY>`: a
+scrape reads every worker's files and the quota counters, which anonymous loops once turned
+into a slowdown of every tenant's requests; without the key it is a 401 that reads nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -21,6 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.config import Settings
+from gateway.errors import GatewayError
 
 # Long tail on purpose: a non-streamed reasoning answer can take minutes.
 _LATENCY_BUCKETS = (
@@ -47,6 +53,8 @@ _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 class GatewayMetrics:
     def __init__(self, settings: Settings) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The digest of METRICS_KEY (None: /metrics is public).
+        self._key_digest = _digest(settings.metrics_key) if settings.metrics_key else None
         self.multiproc_dir = settings.prometheus_multiproc_dir
         r = self.registry
         # --- routing (issue #10): `provider` is the provider that answered ("none" if no
@@ -55,7 +63,7 @@ class GatewayMetrics:
             route.name for route in settings.routes if not route.is_pattern
         )
         # Called before each scrape (the router turns cooldowns that ended off).
-        self.before_scrape: list[Callable[[], None]] = []
+        self.before_scrape: list[Callable[[], object]] = []
         self.requests = Counter(
             "gateway_requests",
             "Requests answered",
@@ -155,6 +163,15 @@ class GatewayMetrics:
     def cooldown_changed(self, deployment: tuple[str, str], cooling: bool) -> None:
         self.cooldown.labels(*deployment).set(1 if cooling else 0)
 
+    def allows(self, authorization: str) -> bool:
+        """Whether a scrape with this Authorization header may read the metrics."""
+        if self._key_digest is None:
+            return True
+        scheme, _, token = authorization.partition(" ")
+        # Digests compared, so the time does not depend on how much of the key matched.
+        presented = _digest(token.strip()) if scheme.lower() == "bearer" else b""
+        return hmac.compare_digest(presented, self._key_digest)
+
     def exposition(self) -> bytes:
         for step in self.before_scrape:
             step()
@@ -170,7 +187,17 @@ class GatewayMetrics:
 bp = Blueprint("metrics", __name__)
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
-    exposition = current_app.extensions["gateway.metrics"].exposition()
-    return Response(exposition, content_type=CONTENT_TYPE_LATEST)
+    gateway_metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
+    if not gateway_metrics.allows(request.headers.get("Authorization", "")):
+        raise GatewayError(
+            401,
+            "Send METRICS_KEY as 'Authorization: Bearer <key>' to read the metrics.",
+            code="invalid_api_key",
+        )
+    return Response(gateway_metrics.exposition(), content_type=CONTENT_TYPE_LATEST)

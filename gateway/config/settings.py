@@ -34,6 +34,8 @@ DEFAULT_TARGET_API_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
 RATE_LIMIT_STRATEGIES = ("fixed-window", "moving-window", "sliding-window-counter")
+MAX_GUNICORN_WORKERS = 64
+MAX_GUNICORN_THREADS = 16384
 # Every variable load_settings reads (documented in .env.example; deployment files are
 # tested against this list).
 ENVIRONMENT_VARIABLES = (
@@ -78,6 +80,7 @@ ENVIRONMENT_VARIABLES = (
     "RESPONSES_STORE_MEMORY_BYTES",
     "GATEWAY_CONFIG",
     "GATEWAY_ADMIN_KEY",
+    "METRICS_KEY",
 )
 # /tmp: writable in the image (a tmpfs or emptyDir there: it outlives workers and reloads,
 # not the container; with Redis the token windows live in Redis instead).
@@ -126,7 +129,7 @@ class Settings:
     max_request_body_bytes: int = 10 * 1024 * 1024
     # The most (decoded) bytes relayed for one answer: 1 MB of gzip can inflate to 1 GB.
     max_response_body_bytes: int = 256 * 1024 * 1024
-    gunicorn_workers: int = 1
+    gunicorn_workers: int = 1  # at most MAX_GUNICORN_WORKERS
     # Threads per worker = streams it serves at once (a stream holds its thread). 2,048: a
     # fresh start holds 2,000 open streams; idle threads cost ~19 KB each (see README).
     gunicorn_threads: int = 2048
@@ -169,6 +172,8 @@ class Settings:
     header_secrets: tuple[str, ...] = field(default=(), repr=False)
     # Guards the usage API (/v1/usage); empty: that API is off.
     admin_api_key: str = field(default="", repr=False)
+    # Guards /metrics (`Authorization: Bearer <key>`); empty: /metrics is public.
+    metrics_key: str = field(default="", repr=False)
     # Stored Responses (`store: true`, the default): kept this long in the limits' storage
     # (Redis: seen by every replica), and in memory at most this many bytes per worker.
     responses_ttl: float = 86400.0
@@ -203,6 +208,7 @@ class Settings:
             *self.key_secrets,
             *self.header_secrets,
             self.admin_api_key,
+            self.metrics_key,
             *(p.api_key for p in self.providers),
         ]
         proxies = [u for p in self.providers for u in p.proxies.values()]
@@ -251,6 +257,11 @@ def _validate_upstream_and_keys(s: Settings) -> None:
         f"GATEWAY_ADMIN_KEY must be at least {MIN_KEY_LENGTH} characters",
     )
     _require_header_safe("GATEWAY_ADMIN_KEY", (s.admin_api_key,))
+    _require(
+        not s.metrics_key or len(s.metrics_key) >= MIN_KEY_LENGTH,
+        f"METRICS_KEY must be at least {MIN_KEY_LENGTH} characters",
+    )
+    _require_header_safe("METRICS_KEY", (s.metrics_key,))
     # Short keys are guessable, and the log redactor would blank every word containing one.
     _require(
         all(len(key) >= MIN_KEY_LENGTH for key in s.gateway_api_keys),
@@ -282,6 +293,18 @@ def _validate_limits_and_server(s: Settings) -> None:
     _require(s.max_response_body_bytes > 0, "MAX_RESPONSE_BODY_BYTES must be > 0")
     _require(s.gunicorn_workers >= 1, "GUNICORN_WORKERS must be >= 1")
     _require(s.gunicorn_threads >= 1, "GUNICORN_THREADS must be >= 1")
+    # Upper bounds: beyond them a worker cannot boot on any machine this runs on (each
+    # thread reserves 1 MiB of stack: 16,384 threads are 16 GiB of address space per
+    # worker), and more workers than cores only multiply the threads.
+    _require(
+        s.gunicorn_workers <= MAX_GUNICORN_WORKERS,
+        f"GUNICORN_WORKERS must be <= {MAX_GUNICORN_WORKERS} (scale with replicas beyond it)",
+    )
+    _require(
+        s.gunicorn_threads <= MAX_GUNICORN_THREADS,
+        f"GUNICORN_THREADS must be <= {MAX_GUNICORN_THREADS} (one stream per thread; "
+        "scale with workers or replicas beyond it)",
+    )
     _require(0 < s.responses_ttl <= 366 * 86400, "RESPONSES_STORE_TTL must be > 0 and <= a year")
     _require(s.responses_memory_bytes >= 0, "RESPONSES_STORE_MEMORY_BYTES must be >= 0")
     _require(
@@ -365,6 +388,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         **file_settings,
         admin_api_key=reader.text("GATEWAY_ADMIN_KEY", ""),
+        metrics_key=reader.text("METRICS_KEY", ""),
         target_api_key=reader.text("TARGET_API_KEY", ""),
         gateway_api_keys=reader.csv("GATEWAY_API_KEYS", ()),
         target_api_url=target_api_url,

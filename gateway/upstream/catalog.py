@@ -4,6 +4,9 @@ The configured public names come first (`owned_by` the provider of their first
 deployment). Then, for each provider behind a `*` route, the models it lists itself that
 would be routed to it by that route: fetched from its `/models`, kept for `ttl` seconds
 (per process), skipped while it cannot be reached or answers anything but a model list.
+A failed listing is kept only `failure_ttl` seconds, and when no provider could list its
+models and no name is configured the answer is a 502, not an empty list that model
+pickers would show as "no models" without saying why.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import urllib3
 from loguru import logger
 from requests.structures import CaseInsensitiveDict
 
+from gateway.errors import GatewayError
 from gateway.upstream.bodies import READ_ERRORS, AnswerTooLargeError, pieces
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.connection import Exchange, current_exchange
@@ -32,6 +36,9 @@ _MAX_LIST_BYTES = 4 * 1024 * 1024
 # timeout, and every /v1/models request would wait on it).
 _LIST_TIMEOUT = (5.0, 10.0)
 _LIST_DEADLINE = 10.0
+# A provider that could not list its models is asked again this soon: long enough that a
+# burst of /v1/models requests sends it one listing, short enough to notice it is back.
+_FAILURE_TTL = 5.0
 _MAX_ID_LENGTH = 256
 Listed = tuple[tuple[str, int], ...]  # (id, created) as the provider lists them
 
@@ -48,12 +55,14 @@ class ModelCatalog:
         client: UpstreamClient,
         *,
         ttl: float = 60.0,
+        failure_ttl: float = _FAILURE_TTL,
         clock: Callable[[], float] = time.monotonic,
         deadline: float = _LIST_DEADLINE,
     ) -> None:
         self._client = client
         self._router: Router = client.router
         self._ttl = ttl
+        self._failure_ttl = failure_ttl
         self._clock = clock
         self._deadline = deadline
         self._cache: dict[str, _Cached] = {}
@@ -67,10 +76,20 @@ class ModelCatalog:
         found = {
             r.name: _model(r.name, 0, r.deployments[0].provider) for r in self._router.exact_routes
         }
+        unlisted = []
         for provider in self._wildcard_providers:
-            for model_id, created in self._listed(provider) or ():
+            listed = self._listed(provider)
+            if listed is None:
+                unlisted.append(provider)
+            for model_id, created in listed or ():
                 if model_id not in found and self._routed_to(model_id, provider):
                     found[model_id] = _model(model_id, created, provider)
+        if unlisted and not found and len(unlisted) == len(self._wildcard_providers):
+            raise GatewayError(
+                502,
+                f"No provider could list its models ({', '.join(unlisted)}): they are "
+                "unreachable or answered with an error.",
+            )
         return list(found.values())
 
     def find(self, model_id: str) -> dict[str, Any] | None:
@@ -91,7 +110,8 @@ class ModelCatalog:
                 cached = self._cache.get(provider)
                 if cached is None or cached.until <= self._clock():
                     models = self._fetch(provider)
-                    cached = self._cache[provider] = _Cached(models, self._clock() + self._ttl)
+                    ttl = self._ttl if models is not None else self._failure_ttl
+                    cached = self._cache[provider] = _Cached(models, self._clock() + ttl)
         return cached.models
 
     def _fetch(self, provider: str) -> Listed | None:

@@ -53,8 +53,13 @@ class Prometheus:
                 self.process.wait(10)
 
 
+# The gateways these tests start require it on /metrics, as the shipped config sends it.
+METRICS_KEY = "metrics-key-for-tests-7d1c"
+
+
 def start_prometheus(directory: Path, target: str) -> Prometheus:
-    """Prometheus scraping `target` (host:port) every second, with monitoring/'s rules."""
+    """Prometheus scraping `target` (host:port) every second, with monitoring/'s rules and
+    its scrape job's metrics key file (METRICS_KEY) beside the configuration."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("prometheus is not installed: run the suite with `make test`")
@@ -63,6 +68,7 @@ def start_prometheus(directory: Path, target: str) -> Prometheus:
     config["rule_files"] = [str(RULES)]
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [target]}]
+    (directory / job["authorization"]["credentials_file"]).write_text(METRICS_KEY + "\n")
     config_path = directory / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()

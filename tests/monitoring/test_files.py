@@ -106,9 +106,19 @@ def test_rules_select_the_job_the_example_scrape_config_defines() -> None:
         assert selectors and all(f'job="{JOB}"' in s for s in selectors), expression.source
 
 
-def test_the_example_scrape_config_passes_promtool() -> None:
-    result = run_promtool("check", "config", str(SCRAPE_CONFIG))
+def test_the_example_scrape_config_passes_promtool(tmp_path: Path) -> None:
+    # As deployed: the rules and the metrics key's file (a mounted Secret) beside it.
+    for shipped in (SCRAPE_CONFIG, RULES):
+        (tmp_path / shipped.name).write_text(shipped.read_text())
+    (tmp_path / "metrics-key").write_text("stand-in-metrics-key\n")
+    result = run_promtool("check", "config", str(tmp_path / SCRAPE_CONFIG.name))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_example_scrape_job_sends_the_metrics_key_from_a_file() -> None:
+    (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    # From a file, never written in the config: the key is a secret.
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "metrics-key"}
 
 
 def test_every_expression_parses(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from prometheus_client.samples import Sample
 from tests.constants import GATEWAY_KEY, SECOND_GATEWAY_KEY
 from tests.e2e.conftest import GatewayFactory
 from tests.fake_upstream import FakeUpstream
-from tests.monitoring.conftest import Prometheus, start_prometheus, wait_until
+from tests.monitoring.conftest import METRICS_KEY, Prometheus, start_prometheus, wait_until
 from tests.monitoring.promql import (
     JOB,
     Expression,
@@ -141,7 +141,8 @@ def send(base_url: str, call: Call) -> int | str:
 
 
 def exported_series(base_url: str) -> Exposition:
-    text = requests.get(base_url + "/metrics", timeout=10).text
+    scrape = {"Authorization": f"Bearer {METRICS_KEY}"}
+    text = requests.get(base_url + "/metrics", headers=scrape, timeout=10).text
     series: Exposition = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -180,6 +181,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, down_port: int) -> Itera
             RATE_LIMIT_REQUESTS_PER_MINUTE=str(RATE_LIMIT),
             UPSTREAM_READ_TIMEOUT="1",
             QUOTA_GATEWAY_KEY=QUOTA_KEY,
+            METRICS_KEY=METRICS_KEY,
         )
         target = gateway.url.removeprefix("http://")
         prometheus = start_prometheus(tmp_path_factory.mktemp("prometheus"), target)

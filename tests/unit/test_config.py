@@ -154,6 +154,8 @@ def test_ssl_cert_file_is_the_ca_bundle_when_requests_ca_bundle_is_unset() -> No
         ("GUNICORN_WORKERS", "two"),
         ("GUNICORN_WORKERS", "0"),
         ("GUNICORN_THREADS", "0"),
+        ("GUNICORN_THREADS", "100000"),
+        ("GUNICORN_WORKERS", "1000"),
         ("WEB_CONCURRENCY", "lots"),
         ("TARGET_API_URL", "ftp://llm.example.com/v1"),
         ("TARGET_API_URL", "llm.example.com/v1"),
@@ -417,3 +419,18 @@ def test_multiproc_dir_only_in_dotenv_is_refused(tmp_path: Path) -> None:
         load_settings(environ)
     assert "PROMETHEUS_MULTIPROC_DIR" in refused.value.message
     assert load_settings({**environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "bound"),
+    [("GUNICORN_THREADS", "16385", "16384"), ("GUNICORN_WORKERS", "65", "64")],
+)
+def test_thread_and_worker_counts_have_an_upper_bound(
+    variable: str, value: str, bound: str
+) -> None:
+    # A count no machine can boot is refused with the bound, not found out by a worker
+    # failing to start its threads.
+    with pytest.raises(ConfigError) as raised:
+        load(**{variable: value, "RATE_LIMIT_STORAGE_URI": "redis://127.0.0.1:6379"})
+    assert f"{variable} must be <= {bound}" in raised.value.message
+    assert load(GUNICORN_THREADS="16384").gunicorn_threads == 16384

@@ -128,7 +128,7 @@ def test_a_file_with_only_keys_keeps_the_environments_provider(tmp_path: Path) -
     ("text", "message"),
     [
         ("providers:\n  x:\n    base_url: ftp//nope\n", "providers.x.base_url: not a URL"),
-        ("providers:\n  x:\n    preset: dashscope-mars\n", "providers.x: unknown preset"),
+        ("providers:\n  x:\n    preset: dashscope-mars\n", "providers.x.preset: unknown preset"),
         (
             "providers:\n  x:\n    base_url: http://a\n    colour: red\n",
             "providers.x.colour: not a",
