@@ -45,6 +45,8 @@ Unwatch = Callable[[], None]
 OnEnd = Callable[[str], float | None]
 CLIENT_GONE = "client_gone"
 DEADLINE = "deadline"
+# The worker is draining and its time is up: neither the client's doing nor the provider's.
+SHUTDOWN = "shutdown"
 _EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 # A client that sent more than its request: its bytes stay unread, so only its end matters.
 _HANGUP_EVENTS = select.EPOLLRDHUP | select.EPOLLONESHOT
@@ -198,12 +200,12 @@ class DisconnectWatcher:
                     self._end(entry, DEADLINE)
 
     def end_all(self) -> int:
-        """End every exchange still watched, now, as at its deadline; how many there were."""
+        """End every exchange still watched, now (the worker is shutting down); how many."""
         with self._lock:
             found = {id(e): e for e in self._by_fd.values() if e.active}
             found.update({id(e): e for _, _, e in self._deadlines if e.active})
             for entry in found.values():
-                self._end(entry, DEADLINE)
+                self._end(entry, SHUTDOWN)
             return len(found)
 
     def _end(self, entry: _Watch, reason: str) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +97,18 @@ def report_boot_failure(reason: str) -> None:
         _channel.reports.send(_FAILED, reason)
 
 
+def _wake_on_reports(server: Any, reports: BootReports) -> None:
+    """In the master: wake its loop whenever a worker reports (no lock is held here, so a
+    fork meanwhile copies nothing half-done)."""
+    while True:
+        try:
+            select.select([reports.read_fd], [], [])
+        except (OSError, ValueError):
+            return  # the pipe is gone: the master is exiting
+        server.wakeup()
+        time.sleep(0.05)  # the loop reads the reports; a slow loop is woken again
+
+
 @dataclass
 class _Pending:
     old: set[int]
@@ -119,6 +133,12 @@ class Handover:
     def install(cls, server: Any, reports: BootReports) -> Handover:
         handover = cls(server, reports)
         server.manage_workers = handover.manage_workers
+        # The master's loop waits up to a second for a signal: a report wakes it at once,
+        # so the old workers stop taking requests as soon as the new ones serve (until
+        # then both generations accept, and a revoked key could still be served).
+        threading.Thread(
+            target=_wake_on_reports, args=(server, reports), name="boot-reports", daemon=True
+        ).start()
         return handover
 
     @property

@@ -21,7 +21,7 @@ from requests.structures import CaseInsensitiveDict
 from werkzeug.datastructures import Headers
 
 from gateway.config import Settings
-from gateway.disconnects import CLIENT_GONE, DEADLINE, DisconnectWatcher
+from gateway.disconnects import CLIENT_GONE, DEADLINE, SHUTDOWN, DisconnectWatcher
 from gateway.errors import GatewayError
 from gateway.record import RequestRecord
 from gateway.upstream.attempts import Attempts, Verdict
@@ -158,7 +158,8 @@ class UpstreamClient:
 
         def fail(exc: Exception | None) -> GatewayError:
             error = self._translate(exc, record, exchange, mid_body=True)
-            if error.status != 499:  # the provider's failure, not the client leaving
+            if error.status != 499 and exchange.ended_by != SHUTDOWN:
+                # the provider's failure, not the client leaving or the worker stopping
                 verdict.failed(record.upstream_error or "stream_broken")
             return error
 
@@ -364,6 +365,10 @@ class UpstreamClient:
             record.client_disconnected = True
             return GatewayError(
                 499, "The client closed the connection.", code="client_closed_request"
+            )
+        if exchange.ended_by == SHUTDOWN:  # no one's failure: told apart, never counted
+            return GatewayError(
+                503, "The gateway is shutting down; retry the request.", code="shutting_down"
             )
         error = self._upstream_failure(exc, record, exchange, mid_body)
         logger.bind(upstream_error=record.upstream_error).warning(

@@ -139,6 +139,8 @@ def test_a_stream_longer_than_graceful_timeout_ends_on_time_with_an_error_event(
     assert ended_at - signalled_at < 4 and exited_at - signalled_at < 5
     last_event = received.rstrip(b"\r\n0").rsplit(b"data: ", 1)[1]
     assert b'"error"' in last_event, received[-300:]
+    # Said as what it is (the gateway stopping), never as the provider's timeout.
+    assert b"shutting down" in last_event and b"did not complete" not in last_event
     lines = log_lines(gateway)
     assert [line for line in lines if line["level"] == "raw"] == []  # JSON only
     assert not any("WORKER TIMEOUT" in line["message"] for line in lines)

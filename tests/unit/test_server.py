@@ -216,12 +216,16 @@ class _Arbiter:
         self.num_workers = len(workers)
         self.managed = 0
         self.killed: list[tuple[int, int]] = []
+        self.woken = False
 
     def manage_workers(self) -> None:
         self.managed += 1
 
     def kill_worker(self, pid: int, sig: int) -> None:
         self.killed.append((pid, sig))
+
+    def wakeup(self) -> None:
+        self.woken = True
 
 
 def test_a_reload_whose_new_worker_cannot_boot_keeps_the_old_one_and_rolls_back() -> None:
@@ -254,5 +258,9 @@ def test_a_reload_hands_over_once_every_new_worker_is_ready() -> None:
     server.manage_workers()
     assert server.managed == 0
     reports.send("ready")  # from the new worker (this process stands in for it)
+    deadline = time.monotonic() + 5
+    while not server.woken:  # the report wakes the master's loop, not its next second
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     server.manage_workers()
     assert not handover.pending and server.managed == 1  # gunicorn now stops the old one
