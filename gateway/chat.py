@@ -130,6 +130,9 @@ _MEMBER_NAME = re.compile(rb'\s*"((?:[^"\\]|\\.)*)"\s*:\s*')
 _AFTER_VALUE = re.compile(rb"\s*([,}])")
 
 
+MAX_TOP_LEVEL_MEMBERS = 1024
+
+
 def parse_head(body: bytes) -> RequestHead:
     """The fields the gateway reads, from a body refused unless it is a JSON object with
     each member once.
@@ -146,6 +149,13 @@ def parse_head(body: bytes) -> RequestHead:
         ) from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         raise _unparsable() from None
+    if len(fields) > MAX_TOP_LEVEL_MEMBERS:
+        # No API has that many; walking a million of them would hold the GIL for seconds.
+        raise GatewayError(
+            400,
+            f"The request body has more than {MAX_TOP_LEVEL_MEMBERS} top-level members.",
+            code="invalid_body",
+        )
     if (twice := repeated_member(body, fields)) is not None:
         # The gateway checks one of the two and relays both: a provider that keeps the
         # other (many parsers keep the first) would serve what the gateway never allowed.

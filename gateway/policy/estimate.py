@@ -51,8 +51,15 @@ _MAX_OBJECTS = 20_000
 
 def prompt_tokens(body: bytes) -> int:
     """The rule's tokens for a request body (bytes / 4 for a body with no media parts)."""
-    if not any(marker in body for marker in _MEDIA_MARKERS) or body.count(b"{") > _MAX_OBJECTS:
+    marked = sum(body.count(marker) for marker in _MEDIA_MARKERS)
+    # An ASCII letter escaped ("\u0069mage_url") is not how any SDK writes: it may hide
+    # a marker, so such a body is parsed (the provider reads it as the same JSON).
+    if not marked and b"\\u00" not in body:
         return _text_tokens(len(body))
+    if body.count(b"{") > _MAX_OBJECTS:
+        # Too many objects to parse: every byte as text (base64 counted too), and each
+        # marker found at an image's rate, so padding the body never makes it cheaper.
+        return _text_tokens(len(body)) + marked * IMAGE_TOKENS
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,13 @@ RETURNING value
 """
 # A writer waits this long for another worker's transaction (each takes microseconds);
 # past it the step fails and the budget holds the limits in memory meanwhile.
-_BUSY_TIMEOUT = 5.0
+# How long a step waits for another process's write: short, because the wait happens with
+# this worker's lock held (every token-limited request of the worker queues behind it).
+# Past it the step fails and TokenBudget holds the counts in memory meanwhile, as for a
+# Redis outage: a stuck sqlite3 shell or a frozen worker costs the limits, not answers.
+_BUSY_TIMEOUT = 0.25
+# How long a step waits for this worker's own lock before taking the memory fallback.
+_LOCK_TIMEOUT = 1.0
 _SWEEP_EVERY = 1000
 
 
@@ -83,15 +90,21 @@ class SqliteCounters:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        if not self._lock.acquire(timeout=_LOCK_TIMEOUT):
+            raise sqlite3.OperationalError("the token store is busy in this worker")
+        try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT too: a transaction left open would fail every later BEGIN.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+        finally:
+            self._lock.release()
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None or self._pid != os.getpid():  # a forked worker: its own
@@ -99,6 +112,7 @@ class SqliteCounters:
         return self._db
 
     def _open(self) -> sqlite3.Connection:
+        _own_file(self._path)
         # isolation_level=None: the transactions are the explicit BEGIN IMMEDIATE above.
         db = sqlite3.connect(
             self._path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
@@ -140,3 +154,21 @@ class SqliteCounters:
         self._operations += 1
         if self._operations % _SWEEP_EVERY == 0:
             db.execute("DELETE FROM counters WHERE expires <= ?", (time.time(),))
+
+
+def _own_file(path: str) -> None:
+    """Create the store file for this user alone, or check that the one found is ours.
+
+    Its default lives in /tmp, where another local user could have made it first (to read
+    or reset the quotas) or left a symlink to somewhere else: refused, with the path named.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        found = os.lstat(path)
+        if stat.S_ISLNK(found.st_mode) or found.st_uid != os.geteuid():
+            raise PermissionError(
+                f"{path} is a symlink or belongs to another user: not used as the token store"
+            ) from None
+    else:
+        os.close(fd)

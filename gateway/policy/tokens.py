@@ -23,6 +23,7 @@ deadline, whichever comes first).
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from gateway.config import ConfigError
 from gateway.policy.counters import Hold, MemoryCounters, RedisCounters
 from gateway.policy.keys import WINDOWS, Caller
 from gateway.policy.sqlite_counters import SqliteCounters
@@ -114,7 +116,10 @@ class TokenBudget:
         if storage_uri.startswith("redis"):
             self._primary = RedisCounters(storage_uri)
         elif store_file:
-            self._primary = SqliteCounters(store_file)
+            try:
+                self._primary = SqliteCounters(store_file)
+            except (OSError, sqlite3.Error) as exc:  # refused at start-up, in one line
+                raise ConfigError(f"TOKEN_STORE_FILE {store_file}: {exc}") from None
         self._hold_seconds = hold_seconds
         self._lock = threading.Lock()
         self._down_since: float | None = None

@@ -95,6 +95,14 @@ _CREDENTIALS = re.compile(
     r"region|country",
     re.IGNORECASE,
 )
+# A 401/403 about what the request asked for, whatever else it says: Anthropic's "Your API
+# key does not have permission to use the specified resource" (a beta, a tool) and content
+# filters refuse one request, not every tenant.
+_REQUEST_SCOPED = re.compile(
+    r"permission to use|specified resource|content[ _-]?(?:filter|policy|management)|"
+    r"blocked|flagged|inappropriate|safety",
+    re.IGNORECASE,
+)
 # A 429 about the request's size, not the account's rate: OpenAI's "Request too large for
 # gpt-4o ... on tokens per min", DashScope's "Range of input length should be [1, 30720]",
 # context-length wordings. ("Rate limit reached ... Requested 2000" is a rate.)
@@ -124,16 +132,26 @@ def refuses_gateway_key(status: int, body: bytes, model: str) -> bool:
     account), or a 403 about keys, tokens, the account or its region. Any other 403 (a
     file, a resource, a filter) is the request's. The requested model's own name is left
     out first: a client cannot name a model "invalid api key" to cool a provider."""
-    said = _error_text(body).replace(model, " ") if model else _error_text(body)
-    if "model" in said.lower():
+    said = _without_quoted(_error_text(body), model)
+    if "model" in said.lower() or _REQUEST_SCOPED.search(said):
         return False
     return status == 401 or _CREDENTIALS.search(said) is not None
 
 
 def request_too_large(body: bytes, model: str) -> bool:
     """Whether a 429 says the request is too large (the request's: relayed, cools nothing)."""
-    said = _error_text(body).replace(model, " ") if model else _error_text(body)
+    said = _without_quoted(_error_text(body), model)
     return _TOO_LARGE.search(said) is not None
+
+
+def _without_quoted(text: str, model: str) -> str:
+    """`text` without the model name where it is quoted (as providers name it). Only there:
+    a client naming its model "model" must not erase that word from every message."""
+    if not model:
+        return text
+    for quote in ("'", '"', "`"):
+        text = text.replace(f"{quote}{model}{quote}", " ")
+    return text
 
 
 def _error_text(body: bytes) -> str:

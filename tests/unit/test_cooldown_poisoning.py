@@ -485,3 +485,29 @@ def test_an_attempt_abandoned_after_the_provider_had_it_is_charged_with_the_answ
     record.usage = {"prompt_tokens": 10, "completion_tokens": 5}
     record.abandoned_tokens = 46  # "a: read_timeout (~46 tokens)"
     assert settle_usage(record) == 61
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "model"),
+    [
+        # Anthropic's generic wording for a resource (a beta, a tool) the key lacks.
+        (
+            403,
+            b'{"type":"error","error":{"type":"permission_error","message":"Your API key '
+            b'does not have permission to use the specified resource."}}',
+            "claude-x",
+        ),
+        (
+            403,
+            b'{"error":{"message":"This request has been blocked by our content filters. '
+            b'account flagged"}}',
+            "m",
+        ),
+        # A client naming its model "model" does not erase that word from the message.
+        (401, b'{"error":{"message":"You are not allowed to sample from this model"}}', "model"),
+    ],
+)
+def test_a_refusal_a_request_can_steer_cools_no_provider(
+    status: int, body: bytes, model: str
+) -> None:
+    assert refuses_gateway_key(status, body, model) is False

@@ -308,3 +308,21 @@ def test_a_document_given_as_text_is_text() -> None:
 def test_a_body_that_is_not_json_is_its_bytes() -> None:
     body = b'{"image_url": not json' + b"x" * 100
     assert prompt_tokens(body) == math.ceil(len(body) / 4)
+
+
+def test_escaping_or_padding_media_markers_never_lowers_the_estimate() -> None:
+    import orjson
+
+    from gateway.policy.estimate import prompt_tokens
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.test/y.png"}}
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": [image] * 50}]})
+    plain = prompt_tokens(body)
+    assert plain >= 50 * 1000
+    escaped = body.replace(b'"image_url"', b'"\\u0069mage_url"')  # the same JSON
+    assert prompt_tokens(escaped) >= plain
+    padding = {"role": "user", "content": "{" * 30_000}
+    padded = orjson.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": [image] * 50}, padding]}
+    )
+    assert prompt_tokens(padded) >= plain

@@ -224,3 +224,15 @@ def test_a_replayed_conversation_is_prompt_the_key_reserves_and_is_charged_for(
     follow = {"model": "qwen-plus", "input": "y", "previous_response_id": first.json["id"]}
     assert post(client, follow, "/v1/responses").status_code == 200
     assert used_today(client) - after_first >= 10_000  # the 40 KB replayed, not 100 bytes
+
+
+def test_a_body_of_a_million_top_level_members_is_refused_before_they_are_walked(
+    make_app: MakeApp, upstream: responses.RequestsMock
+) -> None:
+    members = b",".join(b'"%d":0' % i for i in range(200_000))
+    body = b'{"model":"qwen-plus","messages":[],' + members + b"}"
+    started = time.monotonic()
+    refused = post(make_app(key_policies=(policy(),)).test_client(), body)
+    assert refused.status_code == 400 and not upstream.calls
+    assert "top-level members" in refused.get_json()["error"]["message"]
+    assert time.monotonic() - started < 5  # the walk alone took ~0.5 s per 200,000

@@ -140,3 +140,51 @@ def test_token_limits_with_several_workers_on_memory_share_the_store_file(
 def test_bad_token_store_settings_are_refused(tmp_path: Path, name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings(settings_env(tmp_path, "tpm: 10", GUNICORN_WORKERS="1", **{name: value}))
+
+
+def test_a_store_locked_by_another_process_costs_the_limits_not_the_answers(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+    import time
+
+    path = tmp_path / "tokens.sqlite3"
+    budget = TokenBudget("memory://", str(path))
+    caller = Caller("k1", tpm=1000)
+    budget.settle(budget.reserve(caller, 10), 10)  # the file exists and works
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # an operator's sqlite3 shell, a frozen worker
+    try:
+        took: list[float] = []
+
+        def one() -> None:
+            started = time.monotonic()
+            budget.settle(budget.reserve(caller, 10), 10)
+            took.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(took) == 12
+        # Each waits at most the short busy timeout once, then memory holds the counts.
+        assert max(took) < 3, took
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_a_store_file_planted_as_a_symlink_is_refused_at_start_up(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.sqlite3"
+    target.write_bytes(b"")
+    store = tmp_path / "tokens.sqlite3"
+    store.symlink_to(target)
+    with pytest.raises(ConfigError, match="symlink or belongs to another user"):
+        TokenBudget("memory://", str(store))
+
+
+def test_a_new_store_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    store = tmp_path / "tokens.sqlite3"
+    TokenBudget("memory://", str(store))
+    assert store.stat().st_mode & 0o777 == 0o600
