@@ -9,7 +9,8 @@
   Completions' own (`ChatDialect`), or a view's for Messages and Responses;
 - `connection.py`: the pooled adapter and its connections (1xx never taken for the
   answer) and the `Exchange` that another thread can end;
-- `bodies.py`: answer bodies relayed as they arrive, bounded and masked;
+- `bodies.py`: answer bodies relayed as they arrive, bounded and masked; `streams.py`:
+  event streams, relayed or translated, and read on after the answer for its usage;
 - `headers.py`: which headers cross, each way; `scrub.py`: masking echoed secrets;
 - `sse.py`: the usage chunks of relayed streams, and SSE data for translated ones;
 - `router.py`: routes, deployment order, cooldowns and capacity (`Router`, `Plan`);

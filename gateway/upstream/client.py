@@ -31,8 +31,6 @@ from gateway.upstream.bodies import (
     AnswerTooLargeError,
     BodyRelay,
     Client,
-    SseRelay,
-    TranslatedSseRelay,
 )
 from gateway.upstream.connection import Exchange, RelayAdapter, current_exchange
 from gateway.upstream.dialect import AnswerShape, Dialect, Leg, as_chunk
@@ -46,6 +44,7 @@ from gateway.upstream.providers import (
 from gateway.upstream.router import Plan, Router
 from gateway.upstream.scrub import Scrubber, SecretMask
 from gateway.upstream.sse import EventTooLargeError
+from gateway.upstream.streams import SseRelay, TranslatedSseRelay
 
 # A non-streamed answer is translated whole: held whole, so held to less than the relay
 # limit (a provider's 256 MB answer would be 256 MB per thread).

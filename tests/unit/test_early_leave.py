@@ -27,9 +27,9 @@ from gateway.policy.estimate import (
     prompt_tokens,
 )
 from gateway.record import RequestRecord
-from gateway.upstream.bodies import READ_ON_BYTES, SseRelay, TranslatedSseRelay
 from gateway.upstream.connection import Exchange
 from gateway.upstream.scrub import Scrubber, SecretMask
+from gateway.upstream.streams import READ_ON_BYTES, SseRelay, TranslatedSseRelay
 
 BILLED = {"prompt_tokens": 50_100, "completion_tokens": 120, "total_tokens": 50_220}
 
