@@ -2,8 +2,8 @@
 
 - `settings.py`: `Settings` and `load_settings`, the only reader of the environment and
   `.env`;
-- `schema.py`: the optional `GATEWAY_CONFIG` YAML file (providers, models, routing, keys, teams, prices),
-  validated with pydantic; `file.py` reads it, interpolates `${VAR}` and turns a
+- `schema.py`: the optional `GATEWAY_CONFIG` YAML file (providers, models, routing, keys,
+  teams, prices), validated with pydantic; `file.py` reads it, interpolates `${VAR}` and turns a
   validation failure into one line naming the field.
 
 Imports nothing else of the gateway: every other module may import it.

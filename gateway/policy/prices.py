@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Context, Decimal
 
 from gateway.config import ModelRoute, Price, Pricing
+from gateway.config.schema import PriceTier
 
 NANOS = 10**9
 # Enough digits for 1e8 tokens at any price the schema allows, with every decimal kept.
@@ -31,13 +32,12 @@ class Rates:
 
 def rates_for(price: Price, prompt_tokens: int) -> Rates:
     """The tier the prompt's size falls in: the last whose `above` it passes, else the base."""
-    chosen: Price | object = price
+    chosen: Price | PriceTier = price
     for tier in price.tiers:
         if prompt_tokens > tier.above:
             chosen = tier
-    input_ = chosen.input  # type: ignore[attr-defined]
-    cached = chosen.cached_input  # type: ignore[attr-defined]
-    return Rates(input_, input_ if cached is None else cached, chosen.output)  # type: ignore[attr-defined]
+    cached = chosen.input if chosen.cached_input is None else chosen.cached_input
+    return Rates(chosen.input, cached, chosen.output)
 
 
 def cost_nanos(price: Price, prompt: int, completion: int, cached: int = 0) -> int:
@@ -87,7 +87,7 @@ class PriceBook:
     def price(self, model: str | None, provider: str | None, upstream: str | None) -> Price:
         """The price of the deployment that served (provider + its model name), else the
         public model's; raises KeyError naming what has none."""
-        found = self._deployments.get((provider or "", upstream or ""))
+        found: Price | None = self._deployments.get((provider or "", upstream or ""))
         if found is None:
             found = self._models.get(model or "")
         if found is None:
