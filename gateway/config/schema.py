@@ -449,8 +449,10 @@ class GatewayFile(_Frozen):
         for key in self.keys:
             if key.team is not None and key.team not in teams:
                 raise ValueError(f"keys.{key.name}: team {key.team!r} is not under teams")
+        # Without providers the one provider is built from TARGET_API_URL, as "default".
+        known = set(self.providers) or {"default"}
         for price in self.prices.deployments:
-            if price.provider not in self.providers:
+            if price.provider not in known:
                 raise ValueError(f"prices.deployments: provider {price.provider!r} is not defined")
         return self
 
