@@ -282,9 +282,9 @@ def test_redis_counters_hold_settle_and_release_money_by_its_own_amount(redis_ur
     assert counters.reserve(Hold("b", keys, (5, 401), now + 60), limits, now)[0] == 2
     assert counters.reserve(Hold("c", keys, (5, 400), now + 2), limits, now) == [0, 10, 1000]
     counters.settle(Hold("a", keys, (5, 600), now + 60), [(keys[0], 3), (keys[1], 250)], now)
-    assert counters.read(list(keys) + [keys[0]], now)[:2] == [8, 650]
+    assert counters.read([*keys, keys[0]], now)[:2] == [8, 650]
     # "c" was never settled (its worker died): released at its deadline, by its amounts.
-    assert counters.read(list(keys) + [keys[0]], now + 3)[:2] == [3, 250]
+    assert counters.read([*keys, keys[0]], now + 3)[:2] == [3, 250]
 
 
 def test_the_unbudgeted_env_key_is_still_served_and_costed(start_gateway: GatewayFactory) -> None:
