@@ -65,8 +65,12 @@ _FORBIDDEN_PROVIDER_HEADERS = frozenset({"authorization", "host", "content-lengt
 
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
-# An amount of money in the file's currency: exact decimals (YAML's 0.1 is read as written).
-Money = Annotated[Decimal, Field(ge=0, le=10**9, allow_inf_nan=False)]
+# Amounts of money in the file's currency: exact decimals (YAML's 0.1 is read as written).
+# Counted in nano-units that Redis's Lua must hold exactly (below 2**53, about 9e15): a
+# budget of at most 9 million, a price of at most 10,000 per million tokens (10**8 tokens,
+# the most an answer is believed to use, then cost at most 10**15 nano-units).
+Money = Annotated[Decimal, Field(ge=0, le=9_000_000, allow_inf_nan=False)]
+Rate = Annotated[Decimal, Field(ge=0, le=10_000, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -256,19 +260,19 @@ class PriceTier(_Frozen):
     """The price of prompts longer than `above` tokens (DashScope prices by prompt size)."""
 
     above: Annotated[int, Field(ge=1)]
-    input: Money
-    cached_input: Money | None = None  # None: the tier's input price
-    output: Money
+    input: Rate
+    cached_input: Rate | None = None  # None: the tier's input price
+    output: Rate
 
 
 class Price(_Frozen):
     """What a model costs, per million tokens, in the file's currency."""
 
-    input: Money
+    input: Rate
     # Prompt tokens the provider read from its context cache (DashScope reports them in
     # prompt_tokens_details.cached_tokens); None: the input price.
-    cached_input: Money | None = None
-    output: Money
+    cached_input: Rate | None = None
+    output: Rate
     tiers: tuple[PriceTier, ...] = ()
 
     @field_validator("tiers")

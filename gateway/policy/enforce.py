@@ -176,21 +176,26 @@ def _over_budget(held: Reservation, worst: int, currency: str) -> GatewayError:
 
 
 def _spent(held: Reservation) -> GatewayError:
-    window = next(w for w in held.windows if w.name == held.full)
-    limit = held.caller.token_limit(window.name)
-    used = held.used[held.windows.index(window)]
+    slot = held.full_slot
+    assert slot is not None
+    window = slot.window
+    limit = slot.owner.token_limit(window.name)
+    used = held.values[held.slots.index(slot)]
     wait = max(1, math.ceil(window.resets_at - time.time()))
+    whose = f"team '{slot.owner.name}'" if slot.team else "key"
     if window.name == "minute":
+        of_team = f" of {whose}" if slot.team else ""
         return GatewayError(
             429,
-            f"Rate limit reached for tokens per minute: {used} of {limit} used. Retry in {wait}s.",
+            f"Rate limit reached for tokens per minute{of_team}: {used} of {limit} used. "
+            f"Retry in {wait}s.",
             kind="tokens",
             headers={"Retry-After": str(wait)},
         )
     resets = datetime.fromtimestamp(window.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return GatewayError(
         429,
-        f"You exceeded this key's token quota for the {window.name} (UTC): {used} of "
+        f"You exceeded this {whose}'s token quota for the {window.name} (UTC): {used} of "
         f"{limit} tokens used. The quota resets at {resets}.",
         code="insufficient_quota",
         kind="insufficient_quota",

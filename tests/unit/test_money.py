@@ -257,3 +257,27 @@ def test_a_request_without_max_tokens_reserves_the_default_cap(
     refused = post(money_client, {"model": "qwen-plus", "messages": []})
     assert_openai_error(refused, 429, "insufficient_quota")
     assert not upstream.calls
+
+
+def test_a_team_token_quota_holds_for_each_of_its_keys(
+    make_app: MakeApp, upstream: responses.RequestsMock
+) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    upstream.post(UPSTREAM_CHAT, json={"id": "c", "usage": usage})
+    keys = (policy(team="search"), policy("other", OTHER, team="search"))
+    teams = (Team(name="search", tokens_per_day=10),)
+    client = make_app(key_policies=keys, teams=teams).test_client()
+
+    assert post(client, {"model": "m", "messages": []}).status_code == 200  # 11 of 10
+    refused = post(client, {"model": "m", "messages": []}, OTHER)
+
+    error = assert_openai_error(refused, 429, "insufficient_quota")
+    assert "team 'search'" in error["message"] and "11 of 10" in error["message"]
+    assert len(upstream.calls) == 1
+
+
+def test_prices_and_budgets_past_what_the_counters_hold_exactly_are_refused() -> None:
+    with pytest.raises(ValueError, match="less than or equal to 10000"):
+        Pricing.model_validate({"models": {"m": {"input": 20_000, "output": 1}}})
+    with pytest.raises(ValueError, match="less than or equal to 9000000"):
+        Team(name="t", budget_total=Decimal(10**7))
