@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import signal
 import time
@@ -292,3 +293,46 @@ def test_the_unbudgeted_env_key_is_still_served_and_costed(start_gateway: Gatewa
     answer = post(gateway, body(5), {"Authorization": f"Bearer {GATEWAY_KEY}"})
     assert answer.status_code == 200
     assert answer.headers["x-gateway-cost"] == money_of(nanos(body(5), 5))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    if request.param == "redis":
+        return {"RATE_LIMIT_STORAGE_URI": request.getfixturevalue("redis_url")}
+    return {"TOKEN_STORE_FILE": str(tmp_path / "money_quotas.sqlite3")}
+
+
+def test_a_killed_workers_money_hold_is_released_within_its_expiry(
+    start_gateway: GatewayFactory, storage: dict[str, str]
+) -> None:
+    teams = "teams:\n  - name: search\n    budget_per_month: 1\n"
+    text = config(a="    team: search\n    budget_per_day: 1\n", teams=teams)
+    gateway = start_gateway(text, TOKEN_RESERVATION_TTL="8", **storage, **KEYS_ENV)
+    payload = body(5000, stream=True, fake={"chunks": 100, "delay": 0.2})
+    headers = {**TEAM, "Content-Type": "application/json"}
+    stream = requests.post(gateway.url + CHAT, data=payload, headers=headers, stream=True)
+    assert stream.status_code == 200
+    lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+    next(lines)  # under way
+    killed_at = time.monotonic()
+    held = nanos(payload, 5000)
+    report = usage(gateway)
+    assert spent(report, "keys", "team-a", "day") == held  # its maximum cost, in flight
+    assert spent(report, "teams", "search", "month") == held
+
+    workers = worker_pids(gateway)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)  # mid-stream: nothing will ever settle it
+    stream.close()
+    for _ in range(300):  # bounded: the new worker answers, then the hold expires
+        if (pids := worker_pids(gateway)) and not pids & workers:
+            try:
+                if spent(usage(gateway), "teams", "search", "month") == 0:
+                    break
+            except (requests.RequestException, AssertionError):
+                pass
+        time.sleep(0.1)
+    report = usage(gateway)
+    assert spent(report, "keys", "team-a", "day") == 0
+    assert spent(report, "teams", "search", "month") == 0
+    assert time.monotonic() - killed_at < 8 + 15  # within the expiry (plus polling)
