@@ -11,6 +11,7 @@ from loguru import logger
 
 from gateway.logs import request_id_var
 from gateway.metrics import GatewayMetrics
+from gateway.policy.prices import NANOS, money
 from gateway.record import RequestRecord
 
 # A client's own request id is kept if it is short and plain enough to log and forward.
@@ -44,6 +45,7 @@ def finish_response(response: Response) -> Response:
     caller = g.get("caller")
     if caller is not None:  # a refused key's id was set by the key check itself
         record.key_id, record.key_name = caller.key_id, caller.name
+        record.team = caller.team.name if caller.team is not None else None
     metrics: GatewayMetrics = current_app.extensions["gateway.metrics"]
     if record.event_stream:
         metrics.streams_in_flight.inc()
@@ -82,6 +84,8 @@ def _count_for_key(
         if record.usage and kind in record.usage:
             tokens = record.usage[kind]
             metrics.tokens.labels(kind.removesuffix("_tokens"), key, model, provider).inc(tokens)
+    if record.cost:
+        metrics.cost.labels(key, record.team or "none", model, provider).inc(record.cost / NANOS)
 
 
 def _log_access(record: RequestRecord, duration: float) -> None:
@@ -117,6 +121,13 @@ def _log_access(record: RequestRecord, duration: float) -> None:
         fields["usage"] = record.usage
     if record.usage_estimated:
         fields["usage_estimated"] = True
+    if record.team:
+        fields["team"] = record.team
+    if record.cost is not None:  # an exact decimal string, in the prices' currency
+        fields["cost"] = money(record.cost)
+        fields["currency"] = record.currency
+        if record.usage_estimated:
+            fields["cost_estimated"] = True
     # Keyword arguments land in the record's extra (and fill the message) without building
     # a bound logger per request.
     logger.info("{method} {path} {status}", event="access", **fields)

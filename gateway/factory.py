@@ -19,7 +19,8 @@ from gateway.memory import return_large_buffers_to_the_system
 from gateway.metrics import GatewayMetrics
 from gateway.policy import TokenBudget
 from gateway.policy.enforce import init_policy
-from gateway.policy.report import QuotaGauges
+from gateway.policy.prices import PriceBook
+from gateway.policy.report import BudgetGauges, QuotaGauges
 from gateway.stored import ResponseStore
 from gateway.upstream import ModelCatalog, Router, UpstreamClient
 
@@ -33,6 +34,8 @@ _EXPOSED_HEADERS = [
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
     "Retry-After",
+    "x-gateway-cost",
+    "x-gateway-cost-currency",
 ]
 
 
@@ -50,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.key_policies,
         settings.key_defaults,
         settings.rate_limit_per_minute,
+        settings.teams,
     )
     metrics = app.extensions["gateway.metrics"] = GatewayMetrics(settings)
     # Routing state (cooldowns, in-flight counts) lives in the app: a reload builds anew.
@@ -68,13 +72,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     # memory:// keeps quotas in a file that outlives workers; with no token limit at all
     # there is nothing to keep, and the counts for reports stay in memory.
     limited = any(c.token_limit(w) for c in keys.callers for w in ("minute", "day", "month"))
+    limited = limited or any(c.budgeted for c in keys.callers) or bool(keys.teams)
     budget = TokenBudget(
         settings.rate_limit_storage_uri,
         settings.token_store_file if limited else None,
         settings.token_reservation_ttl,
     )
-    init_policy(app, budget)
+    init_policy(app, budget, PriceBook(settings.pricing, settings.routes))
     metrics.add_live_collector(QuotaGauges(budget, keys))
+    metrics.add_live_collector(BudgetGauges(budget, keys))
     app.extensions["gateway.responses"] = ResponseStore.of(
         settings.rate_limit_storage_uri, settings.responses_ttl, settings.responses_memory_bytes
     )

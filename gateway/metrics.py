@@ -135,6 +135,13 @@ class GatewayMetrics:
             ["key", "model", "provider", "status"],
             registry=r,
         )
+        # Money (issue #17): in the prices' currency; the access line has the exact decimal.
+        self.cost = Counter(
+            "gateway_cost",
+            "What answers cost, from their usage and the price of the deployment that served",
+            ["key", "team", "model", "provider"],
+            registry=r,
+        )
         self.key_rejections = Counter(
             "gateway_key_rejections",
             "Requests a key's rules refused",

@@ -22,7 +22,12 @@ _NAMES = {
     "prompt_tokens": "prompt_tokens",
     "completion_tokens": "completion_tokens",
     "total_tokens": "total_tokens",
+    # Prompt tokens read from the provider's context cache (priced at `cached_input`).
+    "cached_tokens": "cached_tokens",
 }
+# Where the cached part of the prompt is reported: Chat Completions (DashScope, OpenAI) and
+# Responses.
+_CACHE_DETAILS = ("prompt_tokens_details", "input_tokens_details")
 # Anthropic counts prompt-cache reads and writes apart from input_tokens: they are prompt
 # tokens all the same (a client using cache_control would otherwise pass tpm and quotas).
 _ADDED_TO_PROMPT = frozenset({"cache_creation_input_tokens", "cache_read_input_tokens"})
@@ -80,6 +85,10 @@ class RequestRecord:
     # gateway.policy.estimate); None: a token per 4 bytes of the body.
     prompt_estimate: int | None = None
     completion_bytes: int = 0
+    # The answer's cost in nano-units of `currency` (gateway.policy.prices); None: no price.
+    cost: int | None = None
+    currency: str = ""
+    team: str | None = None  # the key's team, if it has one
     # Run once the answer has ended, before it is logged and counted (settles token budgets).
     on_complete: list[Callable[[RequestRecord], None]] = field(default_factory=list)
 
@@ -174,18 +183,39 @@ def _usage_at(body: bytes, at: int) -> dict[str, int] | None:
         fields = _OBJECT.decode(body[start : part.end()])
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    return _counts(fields)
+
+
+def _counts(fields: Mapping[str, msgspec.Raw]) -> dict[str, int] | None:
+    """The counts of a usage object's members, in the gateway's names."""
     found: dict[str, int] = {}
     cached = 0
     for name, raw in fields.items():
+        if name in _CACHE_DETAILS:
+            if (hits := _cached_in(bytes(raw))) is not None:
+                found["cached_tokens"] = hits
+            continue
         if (count := count_of(bytes(raw))) is None:
             continue
-        if (ours := _NAMES.get(name)) is not None:
+        if (ours := _NAMES.get(name)) is not None and ours != "cached_tokens":
             found[ours] = count
         elif name in _ADDED_TO_PROMPT:
             cached += count
+            if name == "cache_read_input_tokens":
+                found["cached_tokens"] = count
     if cached and "prompt_tokens" in found:
         found["prompt_tokens"] = min(MAX_REPORTED_TOKENS, found["prompt_tokens"] + cached)
     return found or None
+
+
+def _cached_in(details: bytes) -> int | None:
+    """`cached_tokens` of a `*_tokens_details` object, if it gives one."""
+    try:
+        fields = _OBJECT.decode(details)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    raw = fields.get("cached_tokens")
+    return count_of(bytes(raw)) if raw is not None else None
 
 
 def count_of(number: bytes) -> int | None:

@@ -1,4 +1,4 @@
-"""GET /v1/usage: every key's tokens this minute, day and month, for GATEWAY_ADMIN_KEY only.
+"""GET /v1/usage: every key's and team's tokens and spend, for GATEWAY_ADMIN_KEY only.
 
 Gateway keys cannot read it (403), not even their own line; without GATEWAY_ADMIN_KEY the
 route does not exist (404). A client address that sent `MAX_FAILURES` wrong keys within a
@@ -84,7 +84,11 @@ def usage() -> Response:
         raise NotFound()  # the same answer as any unknown route
     _require_admin(settings.admin_api_key)
     extensions = current_app.extensions
-    report = usage_report(extensions["gateway.tokens"], extensions["gateway.keys"])
+    report = usage_report(
+        extensions["gateway.tokens"],
+        extensions["gateway.keys"],
+        currency=extensions["gateway.prices"].currency,
+    )
     response = Response(orjson.dumps(report), mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
     return response

@@ -2,8 +2,8 @@
 
 - `settings.py`: `Settings` and `load_settings`, the only reader of the environment and
   `.env`;
-- `schema.py`: the optional `GATEWAY_CONFIG` YAML file (providers, models, routing, keys),
-  validated with pydantic; `file.py` reads it, interpolates `${VAR}` and turns a
+- `schema.py`: the optional `GATEWAY_CONFIG` YAML file (providers, models, routing, keys,
+  teams, prices), validated with pydantic; `file.py` reads it, interpolates `${VAR}` and turns a
   validation failure into one line naming the field.
 
 Imports nothing else of the gateway: every other module may import it.
@@ -14,8 +14,11 @@ from gateway.config.schema import (
     KeyDefaults,
     KeyPolicy,
     ModelRoute,
+    Price,
+    Pricing,
     Provider,
     RoutingPolicy,
+    Team,
 )
 from gateway.config.settings import (
     DEFAULT_PROVIDER,
@@ -39,8 +42,11 @@ __all__ = [
     "KeyDefaults",
     "KeyPolicy",
     "ModelRoute",
+    "Price",
+    "Pricing",
     "Provider",
     "RoutingPolicy",
     "Settings",
+    "Team",
     "load_settings",
 ]

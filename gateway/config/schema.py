@@ -14,6 +14,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -64,6 +65,12 @@ _FORBIDDEN_PROVIDER_HEADERS = frozenset({"authorization", "host", "content-lengt
 
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
+# Amounts of money in the file's currency: exact decimals (YAML's 0.1 is read as written).
+# Counted in nano-units that Redis's Lua must hold exactly (below 2**53, about 9e15): a
+# budget of at most 9 million, a price of at most 10,000 per million tokens (10**8 tokens,
+# the most an answer is believed to use, then cost at most 10**15 nano-units).
+Money = Annotated[Decimal, Field(ge=0, le=9_000_000, allow_inf_nan=False)]
+Rate = Annotated[Decimal, Field(ge=0, le=10_000, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -249,6 +256,76 @@ class RoutingPolicy(_Frozen):
     max_cooldown: Seconds = 300.0
 
 
+class PriceTier(_Frozen):
+    """The price of prompts longer than `above` tokens (DashScope prices by prompt size)."""
+
+    above: Annotated[int, Field(ge=1)]
+    input: Rate
+    cached_input: Rate | None = None  # None: the tier's input price
+    output: Rate
+
+
+class Price(_Frozen):
+    """What a model costs, per million tokens, in the file's currency."""
+
+    input: Rate
+    # Prompt tokens the provider read from its context cache (DashScope reports them in
+    # prompt_tokens_details.cached_tokens); None: the input price.
+    cached_input: Rate | None = None
+    output: Rate
+    tiers: tuple[PriceTier, ...] = ()
+
+    @field_validator("tiers")
+    @classmethod
+    def _ascending(cls, value: tuple[PriceTier, ...]) -> tuple[PriceTier, ...]:
+        bounds = [tier.above for tier in value]
+        if bounds != sorted(set(bounds)):
+            raise ValueError("tiers must be in ascending order of `above`, each once")
+        return value
+
+
+class DeploymentPrice(Price):
+    """The price of one deployment (a provider and its own model name): wins over the
+    public model's."""
+
+    provider: str
+    model: str
+
+
+class Pricing(_Frozen):
+    """`prices:` — one currency for the whole file."""
+
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    # The output a request that sends no max_tokens reserves against a budget.
+    default_max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
+    models: Mapping[str, Price] = Field(default_factory=dict)
+    deployments: tuple[DeploymentPrice, ...] = ()
+
+
+class Budgets(_Frozen):
+    """Money a key or team may spend per UTC day, per UTC month, and in all (no reset)."""
+
+    budget_per_day: Money | None = None
+    budget_per_month: Money | None = None
+    budget_total: Money | None = None
+
+
+class Team(Budgets):
+    """Keys that share windows: each request must fit its key's and its team's."""
+
+    name: str
+    tpm: Count | None = None
+    tokens_per_day: Count | None = None
+    tokens_per_month: Count | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError("letters, digits, '.', '_' and '-', at most 64")
+        return value
+
+
 class KeyDefaults(_Frozen):
     """Rules for keys without their own: every GATEWAY_API_KEYS key, and unset fields."""
 
@@ -259,7 +336,7 @@ class KeyDefaults(_Frozen):
     tokens_per_month: Count | None = None
 
 
-class KeyPolicy(_Frozen):
+class KeyPolicy(Budgets):
     """One gateway key and its rules. `digest` is the SHA-256 of the key."""
 
     name: str
@@ -273,6 +350,7 @@ class KeyPolicy(_Frozen):
     tokens_per_month: Count | None = None
     expires_at: datetime | None = None
     enabled: bool = True
+    team: str | None = None  # a name under `teams:`
 
     @model_validator(mode="before")
     @classmethod
@@ -327,6 +405,8 @@ class GatewayFile(_Frozen):
     routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
     defaults: KeyDefaults = Field(default_factory=KeyDefaults)
     keys: tuple[KeyPolicy, ...] = ()
+    teams: tuple[Team, ...] = ()
+    prices: Pricing = Field(default_factory=Pricing)
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -367,6 +447,17 @@ class GatewayFile(_Frozen):
         digests = [key.digest for key in self.keys]
         if len(set(digests)) != len(digests):
             raise ValueError("keys: the same key is configured twice")
+        teams = [team.name for team in self.teams]
+        if len(set(teams)) != len(teams):
+            raise ValueError("teams: a name is used twice")
+        for key in self.keys:
+            if key.team is not None and key.team not in teams:
+                raise ValueError(f"keys.{key.name}: team {key.team!r} is not under teams")
+        # Without providers the one provider is built from TARGET_API_URL, as "default".
+        known = set(self.providers) or {"default"}
+        for price in self.prices.deployments:
+            if price.provider not in known:
+                raise ValueError(f"prices.deployments: provider {price.provider!r} is not defined")
         return self
 
     def routes(self) -> tuple[ModelRoute, ...]:

@@ -23,8 +23,10 @@ from gateway.config.schema import (
     KeyDefaults,
     KeyPolicy,
     ModelRoute,
+    Pricing,
     Provider,
     RoutingPolicy,
+    Team,
 )
 
 SERVICE_NAME = "ai-gateway"
@@ -165,6 +167,8 @@ class Settings:
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
     key_policies: tuple[KeyPolicy, ...] = ()
     key_defaults: KeyDefaults = field(default_factory=KeyDefaults)
+    teams: tuple[Team, ...] = ()
+    pricing: Pricing = field(default_factory=Pricing)
     # The values of the keys named by key_env in the file: redacted from logs like the rest.
     key_secrets: tuple[str, ...] = field(default=(), repr=False)
     # Values `${VAR}` put into providers' extra headers (an Azure-style `api-key`): provider
@@ -441,6 +445,8 @@ def _file_settings(path: str, env: Mapping[str, str]) -> dict[str, Any]:
         "routing": parsed.routing,
         "key_policies": parsed.keys,
         "key_defaults": parsed.defaults,
+        "teams": parsed.teams,
+        "pricing": parsed.prices,
         "key_secrets": key_secrets,
         "header_secrets": header_secrets,
     }

@@ -1,7 +1,13 @@
-"""Where the token counters live: this process's memory, or Redis (SQLite: sqlite_counters).
+"""Where the token and money counters live: this process's memory, or Redis (SQLite:
+sqlite_counters).
 
-Every kind keeps the same two things per key: a counter per window (settled tokens plus the
-reservations in flight), and the reservations themselves, each with a deadline. Each step
+Every kind keeps the same two things per key: a counter per window (settled tokens or money
+plus the reservations in flight), and the reservations themselves, each with a deadline and
+the amount it holds in each counter (tokens in a token window, nano-units in a money one).
+A limit is checked in one of two ways: a positive limit refuses once the counter has
+reached it (tokens: a request admitted below the limit may finish past it), a negative one
+refuses when the counter plus what this request holds would pass -limit (money: a budget
+is never promised beyond itself). Each step
 (reserve, settle, read) first releases the reservations past their deadline, so one whose
 request can no longer settle it (its worker was killed, or cut at the end of a reload's
 drain) leaves the day and month within the deadline instead of when the window ends. A
@@ -11,6 +17,7 @@ settle releases its reservation only if it is still held: never twice.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +25,15 @@ from typing import Any
 
 from limits.storage import storage_from_string
 
-TTL = {"minute": 120, "day": 2 * 86400, "month": 33 * 86400}
+# 0: never expires (a budget_total).
+TTL = {
+    "minute": 120,
+    "day": 2 * 86400,
+    "month": 33 * 86400,
+    "cost-day": 2 * 86400,
+    "cost-month": 33 * 86400,
+    "cost-total": 0,
+}
 # Reservations past their deadline released per step, at most (the rest at the next one).
 PURGE_BATCH = 64
 
@@ -29,8 +44,12 @@ class Hold:
 
     id: str
     keys: tuple[str, ...]  # the window counters that hold it
-    tokens: int
+    amounts: tuple[int, ...]  # what it holds in each
     deadline: float  # Unix time
+
+    @property
+    def held(self) -> bool:
+        return any(self.amounts)
 
 
 def ttl_of(key: str) -> int:
@@ -38,8 +57,16 @@ def ttl_of(key: str) -> int:
 
 
 def holds_key(key: str) -> str:
-    """The reservations of the key whose window counter is `key` (same Redis Cluster slot)."""
-    return key.rsplit(":", 2)[0] + ":holds"
+    """The reservations of every counter with the same {hash tag} as `key` (one Redis
+    Cluster slot): a key's own, or a team's and its keys'."""
+    return key[: key.index("}") + 1] + ":holds"
+
+
+def fits(value: int, amount: int, limit: int) -> bool:
+    """Whether a counter at `value` may take `amount` more (see the module's docstring)."""
+    if limit > 0:
+        return value < limit
+    return limit == 0 or value + amount <= -limit
 
 
 class MemoryCounters:
@@ -58,21 +85,21 @@ class MemoryCounters:
         with self._lock:
             self._purge(now)
             values = [self._get(k) for k in hold.keys]
-            full = next((i + 1 for i, v in enumerate(values) if limits[i] and v >= limits[i]), 0)
-            if not full and hold.tokens:
-                values = [self._add(k, hold.tokens) for k in hold.keys]
+            full = first_full(values, hold.amounts, limits)
+            if not full and hold.held:
+                values = [self._add(k, a) for k, a in zip(hold.keys, hold.amounts, strict=True)]
                 self._holds[hold.id] = hold
                 heapq.heappush(self._deadlines, (hold.deadline, hold.id))
             return [full, *values]
 
-    def settle(self, hold: Hold | None, charged_to: list[str], cost: int, now: float) -> None:
+    def settle(self, hold: Hold | None, charges: list[tuple[str, int]], now: float) -> None:
         with self._lock:
             self._purge(now)
             if hold is not None and self._holds.pop(hold.id, None) is not None:
                 self._release(hold)
-            for key in charged_to:
-                if cost:
-                    self._add(key, cost)
+            for key, amount in charges:
+                if amount:
+                    self._add(key, amount)
 
     def read(self, keys: list[str], now: float) -> list[int]:
         with self._lock:
@@ -87,10 +114,10 @@ class MemoryCounters:
                 self._release(found)
 
     def _release(self, hold: Hold) -> None:
-        for key in hold.keys:
+        for key, amount in zip(hold.keys, hold.amounts, strict=True):
             if key in self._values:
                 value, expires = self._values[key]
-                self._values[key] = (max(0, value - hold.tokens), expires)
+                self._values[key] = (max(0, value - amount), expires)
 
     def _get(self, key: str) -> int:
         found = self._values.get(key)
@@ -101,7 +128,7 @@ class MemoryCounters:
         value = self._get(key) + amount
         expires = self._values[key][1] if key in self._values else 0.0
         if expires <= time.time():
-            expires = time.time() + ttl_of(key)
+            expires = time.time() + (ttl_of(key) or math.inf)
         self._values[key] = (value, expires)
         return value
 
@@ -114,80 +141,88 @@ class MemoryCounters:
                 self._deadlines = []  # only settled ones left: nothing to release
 
 
-# Releases the reservations of one key past their deadline: each member of the sorted set
-# KEYS[#KEYS] (score: its deadline) is "id cost counter counter counter". Those counters are
-# the key's own (one hash tag, so one cluster slot) but not all in KEYS: an old reservation
-# holds yesterday's day, say.
+# Releases the reservations of one hash tag past their deadline: each member of the sorted
+# set KEYS[#KEYS] (score: its deadline) is "id amount counter counter ...", where a counter
+# written "counter=n" holds n instead of the amount. Those counters share the hash tag (one
+# cluster slot) but are not all in KEYS: an old reservation holds yesterday's day, say.
 _PURGE = f"""
 local function purge(holds, now)
   local dead = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, {PURGE_BATCH})
   for _, member in ipairs(dead) do
-    local parts = {{}}
-    for part in string.gmatch(member, '%S+') do parts[#parts + 1] = part end
-    release(parts, 3, #parts, tonumber(parts[2]))
+    release(member)
     redis.call('ZREM', holds, member)
   end
 end
 """
 _RELEASE = """
-local function release(keys, first, last, amount)
-  for i = first, last do
-    if redis.call('EXISTS', keys[i]) == 1 and redis.call('DECRBY', keys[i], amount) < 0 then
-      redis.call('SET', keys[i], 0, 'KEEPTTL')
+local function release(member)
+  local parts = {}
+  for part in string.gmatch(member, '%S+') do parts[#parts + 1] = part end
+  for i = 3, #parts do
+    local key, amount = string.match(parts[i], '^(.+)=(%d+)$')
+    if not key then key, amount = parts[i], parts[2] end
+    if redis.call('EXISTS', key) == 1 and redis.call('DECRBY', key, amount) < 0 then
+      redis.call('SET', key, 0, 'KEEPTTL')
     end
   end
 end
 """
-# KEYS: the three windows, then the key's reservations. ARGV: cost, each window's limit (0:
-# none), each window's TTL, now, the reservation (its member, deadline and the set's TTL).
-# Returns the window that is full (1-based; 0: none) and each window's count after.
+# KEYS: the windows, then the reservations of their hash tag. ARGV: now, the reservation's
+# member, its deadline, the set's TTL, then per window its amount, its limit (see `fits`)
+# and its TTL (0: none). Returns the window that is full (1-based; 0: none) and each
+# window's count after.
 _RESERVE = (
     _RELEASE
     + _PURGE
     + """
 local n = #KEYS - 1
-local cost = tonumber(ARGV[1])
-purge(KEYS[n + 1], ARGV[2 * n + 2])
+purge(KEYS[n + 1], ARGV[1])
 local values = {}
 local full = 0
+local held = false
 for i = 1, n do
   values[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  local limit = tonumber(ARGV[1 + i])
+  local amount = tonumber(ARGV[2 + 3 * i])
+  local limit = tonumber(ARGV[3 + 3 * i])
+  if amount > 0 then held = true end
   if full == 0 and limit > 0 and values[i] >= limit then full = i end
+  if full == 0 and limit < 0 and values[i] + amount > -limit then full = i end
 end
-if full == 0 and cost > 0 then
+if full == 0 and held then
   for i = 1, n do
-    values[i] = redis.call('INCRBY', KEYS[i], cost)
-    if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[1 + n + i]) end
+    local amount = tonumber(ARGV[2 + 3 * i])
+    if amount > 0 then
+      values[i] = redis.call('INCRBY', KEYS[i], amount)
+      local ttl = tonumber(ARGV[4 + 3 * i])
+      if ttl > 0 and redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+    end
   end
-  redis.call('ZADD', KEYS[n + 1], ARGV[2 * n + 4], ARGV[2 * n + 3])
-  redis.call('EXPIRE', KEYS[n + 1], ARGV[2 * n + 5])
+  redis.call('ZADD', KEYS[n + 1], ARGV[3], ARGV[2])
+  redis.call('EXPIRE', KEYS[n + 1], ARGV[4])
 end
 table.insert(values, 1, full)
 return values
 """
 )
-# KEYS: the windows to charge, then the key's reservations. ARGV: cost, each window's TTL,
-# now, the reservation's member ('': none), which is released only if still held (not
-# already released at its deadline): its counters are in the member.
+# KEYS: the windows to charge, then the reservations of their hash tag. ARGV: now, the
+# reservation's member ('': none), which is released only if still held (not already
+# released at its deadline): its counters are in the member; then per window the amount
+# to charge and its TTL (0: none).
 _SETTLE = (
     _RELEASE
     + _PURGE
     + """
 local n = #KEYS - 1
 local holds = KEYS[n + 1]
-local cost = tonumber(ARGV[1])
-purge(holds, ARGV[n + 2])
-local member = ARGV[n + 3]
-if member ~= '' and redis.call('ZREM', holds, member) == 1 then
-  local parts = {}
-  for part in string.gmatch(member, '%S+') do parts[#parts + 1] = part end
-  release(parts, 3, #parts, tonumber(parts[2]))
-end
-if cost > 0 then
-  for i = 1, n do
-    redis.call('INCRBY', KEYS[i], cost)
-    if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[1 + i]) end
+purge(holds, ARGV[1])
+local member = ARGV[2]
+if member ~= '' and redis.call('ZREM', holds, member) == 1 then release(member) end
+for i = 1, n do
+  local amount = tonumber(ARGV[1 + 2 * i])
+  if amount > 0 then
+    redis.call('INCRBY', KEYS[i], amount)
+    local ttl = tonumber(ARGV[2 + 2 * i])
+    if ttl > 0 and redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl) end
   end
 end
 return 0
@@ -220,19 +255,25 @@ class RedisCounters:
 
     def reserve(self, hold: Hold, limits: list[int], now: float) -> list[int]:
         keys = list(hold.keys)
-        ttls = [ttl_of(k) for k in keys]
-        args = [hold.tokens, *limits, *ttls, now, _member(hold), hold.deadline, TTL["month"]]
+        args: list[Any] = [now, _member(hold), hold.deadline, TTL["month"]]
+        for key, amount, limit in zip(keys, hold.amounts, limits, strict=True):
+            args += [amount, limit, ttl_of(key)]
         return [int(v) for v in self._reserve(keys=[*keys, holds_key(keys[0])], args=args)]
 
-    def settle(self, hold: Hold | None, charged_to: list[str], cost: int, now: float) -> None:
-        ttls = [ttl_of(k) for k in charged_to]
-        member = _member(hold) if hold is not None and hold.tokens else ""
-        keys = [*charged_to, holds_key(charged_to[0])]
-        self._settle(keys=keys, args=[cost, *ttls, now, member])
+    def settle(self, hold: Hold | None, charges: list[tuple[str, int]], now: float) -> None:
+        member = _member(hold) if hold is not None and hold.held else ""
+        keys = [key for key, _ in charges]
+        first = keys[0] if keys else hold.keys[0] if hold is not None else ""
+        if not first:
+            return
+        args: list[Any] = [now, member]
+        for key, amount in charges:
+            args += [amount, ttl_of(key)]
+        self._settle(keys=[*keys, holds_key(first)], args=args)
 
     def read(self, keys: list[str], now: float) -> list[int]:
-        # One script per key: its windows and reservations share one cluster slot, several
-        # keys' do not.
+        # One script per owner's three windows: they and their reservations share one
+        # cluster slot, several owners' may not.
         values: list[int] = []
         for i in range(0, len(keys), 3):
             own = keys[i : i + 3]
@@ -241,4 +282,11 @@ class RedisCounters:
 
 
 def _member(hold: Hold) -> str:
-    return " ".join([hold.id, str(hold.tokens), *hold.keys])
+    parts = (f"{k}={a}" for k, a in zip(hold.keys, hold.amounts, strict=True) if a)
+    return " ".join([hold.id, "0", *parts])
+
+
+def first_full(values: list[int], amounts: tuple[int, ...], limits: list[int]) -> int:
+    """The first window (1-based) that cannot take its amount; 0: none."""
+    checks = zip(values, amounts, limits, strict=True)
+    return next((i + 1 for i, (v, a, lim) in enumerate(checks) if not fits(v, a, lim)), 0)

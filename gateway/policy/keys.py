@@ -13,10 +13,13 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from gateway.config import KeyDefaults, KeyPolicy
+from gateway.config import KeyDefaults, KeyPolicy, Team
+from gateway.policy.prices import to_nanos
 
 # The token windows a key may be limited in; "minute" is `tpm`, the others are quotas.
 WINDOWS = ("minute", "day", "month")
+# The money windows: per UTC day, per UTC month, and in all (no reset).
+BUDGET_WINDOWS = ("day", "month", "total")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,12 @@ class Caller:
     tokens_per_month: int = 0
     expires_at: float | None = None  # a Unix time
     enabled: bool = True
+    # Money per UTC day, month and in all, in nano-units of the prices' currency; 0: none.
+    budget_per_day: int = 0
+    budget_per_month: int = 0
+    budget_total: int = 0
+    # The team whose windows each request must fit too (a Caller whose key_id is "team:x").
+    team: Caller | None = None
     _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +65,19 @@ class Caller:
         return {"minute": self.tpm, "day": self.tokens_per_day, "month": self.tokens_per_month}[
             window
         ]
+
+    def budget(self, window: str) -> int:
+        return {
+            "day": self.budget_per_day,
+            "month": self.budget_per_month,
+            "total": self.budget_total,
+        }[window]
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether this key, or its team, has a budget: every answer must have a price."""
+        own = any(self.budget(w) for w in BUDGET_WINDOWS)
+        return own or (self.team is not None and self.team.budgeted)
 
 
 def _allow_list(models: tuple[str, ...]) -> re.Pattern[str]:
@@ -83,13 +105,15 @@ class KeyRing:
         policies: tuple[KeyPolicy, ...] = (),
         defaults: KeyDefaults | None = None,
         default_rpm: int = 0,
+        teams: tuple[Team, ...] = (),
     ) -> None:
         defaults = defaults or KeyDefaults()
+        self.teams = {t.name: _team(t) for t in teams}
         rpm = defaults.rpm if defaults.rpm is not None else default_rpm
         entries: list[tuple[bytes, KeyPolicy | None]]
         entries = [(hashlib.sha256(k.encode()).digest(), None) for k in keys]
         entries += [(p.digest, p) for p in policies]
-        self._entries = [(d, _caller(d, p, defaults, rpm)) for d, p in entries]
+        self._entries = [(d, _caller(d, p, defaults, rpm, self.teams)) for d, p in entries]
 
     @property
     def callers(self) -> tuple[Caller, ...]:
@@ -105,8 +129,26 @@ class KeyRing:
         return found
 
 
+def _team(team: Team) -> Caller:
+    """A team as the windows it holds: a Caller no key identifies as."""
+    return Caller(
+        key_id=f"team:{team.name}",
+        name=team.name,
+        tpm=team.tpm or 0,
+        tokens_per_day=team.tokens_per_day or 0,
+        tokens_per_month=team.tokens_per_month or 0,
+        budget_per_day=to_nanos(team.budget_per_day),
+        budget_per_month=to_nanos(team.budget_per_month),
+        budget_total=to_nanos(team.budget_total),
+    )
+
+
 def _caller(
-    digest: bytes, policy: KeyPolicy | None, defaults: KeyDefaults, default_rpm: int
+    digest: bytes,
+    policy: KeyPolicy | None,
+    defaults: KeyDefaults,
+    default_rpm: int,
+    teams: dict[str, Caller],
 ) -> Caller:
     if policy is None:
         policy = KeyPolicy.model_construct(name="", digest=digest)
@@ -124,4 +166,8 @@ def _caller(
         tokens_per_month=pick(policy.tokens_per_month, defaults.tokens_per_month),
         expires_at=policy.expires_at.timestamp() if policy.expires_at else None,
         enabled=policy.enabled,
+        budget_per_day=to_nanos(policy.budget_per_day),
+        budget_per_month=to_nanos(policy.budget_per_month),
+        budget_total=to_nanos(policy.budget_total),
+        team=teams.get(policy.team) if policy.team else None,
     )

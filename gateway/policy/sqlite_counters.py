@@ -15,10 +15,10 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from gateway.policy.counters import PURGE_BATCH, Hold, ttl_of
+from gateway.policy.counters import PURGE_BATCH, Hold, first_full, ttl_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -46,6 +46,8 @@ _BUSY_TIMEOUT = 0.25
 # How long a step waits for this worker's own lock before taking the memory fallback.
 _LOCK_TIMEOUT = 1.0
 _SWEEP_EVERY = 1000
+# The expiry of a counter that has none (a budget_total).
+_NEVER = 1e18
 
 
 class SqliteCounters:
@@ -65,22 +67,27 @@ class SqliteCounters:
         with self._transaction() as db:
             self._purge(db, now)
             values = [self._get(db, k) for k in hold.keys]
-            full = next((i + 1 for i, v in enumerate(values) if limits[i] and v >= limits[i]), 0)
-            if not full and hold.tokens:
-                values = [self._add(db, k, hold.tokens) for k in hold.keys]
+            full = first_full(values, hold.amounts, limits)
+            if not full and hold.held:
+                pairs = list(zip(hold.keys, hold.amounts, strict=True))
+                values = [self._add(db, k, a) for k, a in pairs]
+                # Each counter as "key=amount": rows written before money (one amount for
+                # every counter, in `cost`) are still read.
+                held = " ".join(f"{k}={a}" for k, a in pairs if a)
                 db.execute(
                     "INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)",
-                    (hold.id, hold.deadline, hold.tokens, " ".join(hold.keys)),
+                    (hold.id, hold.deadline, 0, held),
                 )
             return [full, *values]
 
-    def settle(self, hold: Hold | None, charged_to: list[str], cost: int, now: float) -> None:
+    def settle(self, hold: Hold | None, charges: list[tuple[str, int]], now: float) -> None:
         with self._transaction() as db:
             self._purge(db, now)
-            if hold is not None and hold.tokens and self._unhold(db, hold.id):
-                self._release(db, hold.keys, hold.tokens)
-            for key in charged_to if cost else ():
-                self._add(db, key, cost)
+            if hold is not None and hold.held and self._unhold(db, hold.id):
+                self._release(db, zip(hold.keys, hold.amounts, strict=True))
+            for key, amount in charges:
+                if amount:
+                    self._add(db, key, amount)
             self._sweep(db)
 
     def read(self, keys: list[str], now: float) -> list[int]:
@@ -127,16 +134,17 @@ class SqliteCounters:
             "SELECT id, cost, keys FROM holds WHERE deadline <= ? ORDER BY deadline LIMIT ?",
             (now, PURGE_BATCH),
         ).fetchall()
-        for hold_id, tokens, keys in dead:
+        for hold_id, amount, keys in dead:
             self._unhold(db, hold_id)
-            self._release(db, keys.split(), tokens)
+            held = (k.split("=") if "=" in k else (k, amount) for k in keys.split())
+            self._release(db, ((k, int(a)) for k, a in held))
 
     def _unhold(self, db: sqlite3.Connection, hold_id: str) -> bool:
         """Whether the reservation was still held (not yet released at its deadline)."""
         return db.execute("DELETE FROM holds WHERE id = ?", (hold_id,)).rowcount > 0
 
-    def _release(self, db: sqlite3.Connection, keys: Sequence[str], amount: int) -> None:
-        for key in keys:
+    def _release(self, db: sqlite3.Connection, held: Iterable[tuple[str, int]]) -> None:
+        for key, amount in held:
             db.execute("UPDATE counters SET value = max(0, value - ?) WHERE key = ?", (amount, key))
 
     def _get(self, db: sqlite3.Connection, key: str) -> int:
@@ -147,7 +155,8 @@ class SqliteCounters:
 
     def _add(self, db: sqlite3.Connection, key: str, amount: int) -> int:
         now = time.time()
-        params = {"key": key, "amount": amount, "now": now, "expires": now + ttl_of(key)}
+        expires = now + ttl_of(key) if ttl_of(key) else _NEVER
+        params = {"key": key, "amount": amount, "now": now, "expires": expires}
         return int(db.execute(_ADD, params).fetchone()[0])
 
     def _sweep(self, db: sqlite3.Connection) -> None:

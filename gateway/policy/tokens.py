@@ -22,6 +22,7 @@ deadline, whichever comes first).
 
 from __future__ import annotations
 
+import math
 import secrets
 import sqlite3
 import threading
@@ -39,7 +40,14 @@ from gateway.policy.counters import Hold, MemoryCounters, RedisCounters
 from gateway.policy.keys import WINDOWS, Caller
 from gateway.policy.sqlite_counters import SqliteCounters
 
-__all__ = ["MemoryCounters", "RedisCounters", "Reservation", "TokenBudget", "windows_at"]
+__all__ = [
+    "MemoryCounters",
+    "RedisCounters",
+    "Reservation",
+    "TokenBudget",
+    "budget_windows_at",
+    "windows_at",
+]
 
 _PREFIX = "ai-gateway:tokens"
 # How long a reservation may stay unsettled: the longest non-streamed answer (the default
@@ -68,9 +76,67 @@ def windows_at(now: float) -> tuple[Window, Window, Window]:
     )
 
 
+def budget_windows_at(now: float) -> tuple[Window, Window, Window]:
+    """The money windows: this UTC day, this UTC month, and all time."""
+    _, day, month = windows_at(now)
+    return day, month, Window("total", "total:all", math.inf)
+
+
+def _scope(caller: Caller) -> str:
+    # The {hash tag} keeps counters in one Redis Cluster slot, as Lua needs: a key's own,
+    # or, for a key in a team, the team's (a request holds both in one step).
+    if caller.team is not None:
+        return f"{{{caller.team.key_id}}}{caller.key_id}"
+    return f"{{{caller.key_id}}}"
+
+
 def _keys(caller: Caller, windows: Sequence[Window]) -> list[str]:
-    # The {hash tag} keeps a key's counters in one Redis Cluster slot, as Lua needs.
-    return [f"{_PREFIX}:{{{caller.key_id}}}:{w.id}" for w in windows]
+    return [f"{_PREFIX}:{_scope(caller)}:{w.id}" for w in windows]
+
+
+def _money_keys(caller: Caller, windows: Sequence[Window]) -> list[str]:
+    return [f"{_PREFIX}:{_scope(caller)}:cost-{w.id}" for w in windows]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One counter a request is held in: whose (a key or its team), of what, which window."""
+
+    owner: Caller
+    unit: str  # "tokens" or "cost" (nano-units)
+    window: Window
+    key: str
+    limit: int  # as the counters take it: negative for money (see counters.fits)
+
+    @property
+    def team(self) -> bool:
+        return self.owner.key_id.startswith("team:")
+
+
+def _slots(caller: Caller, now: float) -> list[Slot]:
+    """The key's token windows first, then its team's, then the key's and team's money
+    windows: only those some limit applies to (the key's token windows always)."""
+    windows, money = windows_at(now), budget_windows_at(now)
+    owners = [caller] if caller.team is None else [caller, caller.team]
+    slots = [
+        Slot(caller, "tokens", w, k, caller.token_limit(w.name))
+        for w, k in zip(windows, _keys(caller, windows), strict=True)
+    ]
+    team = caller.team
+    if team is not None and any(team.token_limit(w.name) for w in windows):
+        keys = _keys(team, windows)
+        slots += [
+            Slot(team, "tokens", w, k, team.token_limit(w.name))
+            for w, k in zip(windows, keys, strict=True)
+        ]
+    for owner in owners:
+        if any(owner.budget(w.name) for w in money):
+            keys = _money_keys(owner, money)
+            slots += [
+                Slot(owner, "cost", w, k, -owner.budget(w.name))
+                for w, k in zip(money, keys, strict=True)
+            ]
+    return slots
 
 
 @dataclass(frozen=True)
@@ -85,6 +151,11 @@ class Reservation:
     # The counters that hold it (the storage, or this process's memory during an outage).
     held_in: _Counters | None = field(default=None, compare=False, repr=False)
     hold: Hold | None = field(default=None, compare=False, repr=False)
+    # Every counter it is held in, their counts after it, and the one that was full.
+    slots: tuple[Slot, ...] = field(default=(), compare=False, repr=False)
+    values: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    full_slot: Slot | None = field(default=None, compare=False, repr=False)
+    money: int = 0  # nano-units held
 
     def remaining(self, window: str) -> int | None:
         limit = self.caller.token_limit(window)
@@ -96,7 +167,7 @@ class _Counters(Protocol):
     charges `cost` to `charged_to`."""
 
     def reserve(self, hold: Hold, limits: list[int], now: float) -> list[int]: ...
-    def settle(self, hold: Hold | None, charged_to: list[str], cost: int, now: float) -> None: ...
+    def settle(self, hold: Hold | None, charges: list[tuple[str, int]], now: float) -> None: ...
     def read(self, keys: list[str], now: float) -> list[int]: ...
 
 
@@ -131,42 +202,73 @@ class TokenBudget:
     def up(self) -> bool:
         return self._down_since is None
 
-    def reserve(self, caller: Caller, cost: int, now: float | None = None) -> Reservation:
+    def reserve(
+        self, caller: Caller, cost: int, now: float | None = None, money: int = 0
+    ) -> Reservation:
+        """Hold `cost` tokens (and `money` nano-units) in every window of the key and its
+        team, in one atomic step, unless one of them cannot take it."""
         now = time.time() if now is None else now
         windows = windows_at(now)
-        limits = [caller.token_limit(w.name) for w in windows]
+        slots = _slots(caller, now)
+        limits = [slot.limit for slot in slots]
         if not any(limits):
             # Nothing to hold against: the answer's tokens are only charged (for reports)
             # when it ends. One storage step per request instead of two.
             return Reservation(caller, windows, (0, 0, 0), 0)
-        keys = tuple(_keys(caller, windows))
-        hold = Hold(secrets.token_hex(8), keys, max(0, cost), now + self._hold_seconds)
+        cost, money = max(0, cost), max(0, money)
+        amounts = tuple(cost if slot.unit == "tokens" else money for slot in slots)
+        keys = tuple(slot.key for slot in slots)
+        hold = Hold(secrets.token_hex(8), keys, amounts, now + self._hold_seconds)
         found, held_in = self._call("reserve", hold, limits, now)
-        full = WINDOWS[found[0] - 1] if found[0] else None
+        full_slot = slots[found[0] - 1] if found[0] else None
+        full = full_slot.window.name if full_slot is not None else None
         used = (found[1], found[2], found[3])
-        hold = replace(hold, tokens=0) if full else hold
-        return Reservation(caller, windows, used, hold.tokens, full, held_in, hold)
+        if full:
+            hold = replace(hold, amounts=tuple(0 for _ in amounts))
+            cost = money = 0
+        return Reservation(
+            caller,
+            windows,
+            used,
+            cost,
+            full,
+            held_in,
+            hold,
+            tuple(slots),
+            tuple(found[1:]),
+            full_slot,
+            money,
+        )
 
-    def settle(self, reservation: Reservation, cost: int, now: float | None = None) -> None:
-        """Release `reservation` and charge `cost` tokens to the windows current now."""
+    def settle(
+        self, reservation: Reservation, cost: int, now: float | None = None, money: int = 0
+    ) -> None:
+        """Release `reservation` and charge `cost` tokens (and `money` nano-units) to the
+        windows of the key and its team current now."""
         now = time.time() if now is None else now
-        charged_to = _keys(reservation.caller, windows_at(now))
-        hold = reservation.hold if reservation.reserved else None
+        charges = _charges(reservation.caller, max(0, cost), max(0, money), now)
+        hold = reservation.hold if reservation.hold is not None and reservation.hold.held else None
         if hold is not None and reservation.held_in is self._memory is not self._primary:
-            self._memory.settle(hold, [], 0, now)  # made during an outage: freed here
+            self._memory.settle(hold, [], now)  # made during an outage: freed here
             hold = None
-        cost = max(0, cost)
         # Memory answering means the storage is down: nothing of this is held in memory.
-        offline = (None, charged_to, cost, now)
-        _, used = self._call("settle", hold, charged_to, cost, now, offline=offline)
+        offline = (None, charges, now)
+        _, used = self._call("settle", hold, charges, now, offline=offline)
         if hold is not None and used is not self._primary:
             with self._lock:  # the storage holds it but did not answer: free it there later
                 self._pending.append(hold)
 
     def read(self, callers: Sequence[Caller], now: float | None = None) -> list[list[int]]:
-        """Each caller's tokens used this minute, day and month."""
+        """Each caller's (or team's) tokens used this minute, day and month."""
         now = time.time() if now is None else now
         keys = [k for caller in callers for k in _keys(caller, windows_at(now))]
+        values = self._call("read", keys, now)[0] if keys else []
+        return [values[i : i + 3] for i in range(0, len(values), 3)]
+
+    def read_spend(self, callers: Sequence[Caller], now: float | None = None) -> list[list[int]]:
+        """Each caller's (or team's) money spent this day, month and in all (nano-units)."""
+        now = time.time() if now is None else now
+        keys = [k for caller in callers for k in _money_keys(caller, budget_windows_at(now))]
         values = self._call("read", keys, now)[0] if keys else []
         return [values[i : i + 3] for i in range(0, len(values), 3)]
 
@@ -198,7 +300,7 @@ class TokenBudget:
         while pending:
             hold = pending[0]
             try:
-                self._primary.settle(hold, list(hold.keys), 0, time.time())  # nothing charged
+                self._primary.settle(hold, [], time.time())  # nothing charged
             except Exception:
                 with self._lock:  # still unreachable: kept for the next attempt
                     self._pending.extendleft(reversed(pending))
@@ -227,3 +329,14 @@ class TokenBudget:
             if self._down_since is not None:
                 self._down_since, self._backoff = None, 1.0
                 logger.warning("token limit storage reachable again")
+
+
+def _charges(caller: Caller, cost: int, money: int, now: float) -> list[tuple[str, int]]:
+    """What an answer adds: its tokens and money to the key's windows and its team's."""
+    owners = [caller] if caller.team is None else [caller, caller.team]
+    charges: list[tuple[str, int]] = []
+    for owner in owners:
+        charges += [(k, cost) for k in _keys(owner, windows_at(now))]
+    for owner in owners if money else ():
+        charges += [(k, money) for k in _money_keys(owner, budget_windows_at(now))]
+    return charges

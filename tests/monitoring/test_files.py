@@ -43,6 +43,11 @@ PANELS_REQUIRED = [
     ("gateway_key_quota_used_tokens", "key"),
     ("gateway_rate_limit_storage_up", "instance"),
     ("gateway_streams_in_flight", "instance"),
+    # Money (issue #17): spend by team, key and model; each budget's share spent.
+    ("gateway_cost_total", "team"),
+    ("gateway_cost_total", "key"),
+    ("gateway_cost_total", "model"),
+    ("gateway_budget_spent", "owner"),
 ]
 QUANTILES_REQUIRED = {
     "gateway_request_duration_seconds_bucket": {"0.5", "0.95", "0.99"},
@@ -58,6 +63,8 @@ ALERTS_REQUIRED = {
     "AIGatewayRateLimitStorageDown",
     "AIGatewayDeploymentCoolingDown",
     "AIGatewayKeyQuotaNearlyExhausted",
+    "AIGatewayBudgetNearlySpent",
+    "AIGatewayBudgetSpent",
 }
 
 

@@ -60,6 +60,10 @@ FAILING_STREAM = {**STREAM, "model": "qwen-max"}
 # A key of the file's `keys:` (issue #9), with a quota that its calls below spend.
 QUOTA_KEY = "gw-test-key-quota-3b9e1d7a"
 QUOTA_TOKENS_PER_DAY = 20  # the fake's answers report 11 tokens: the third call is over
+# A key of a team with a budget its calls spend: free prompts, 6 output tokens at 1000 a
+# million each (max_tokens 6 reserves exactly that), so two calls spend it, a third is over.
+BUDGET_KEY = "gw-test-key-budget-5c2f8e91"
+BUDGET = "0.012"
 
 
 def gateway_config(upstream_url: str, refusing_port: int) -> str:
@@ -83,6 +87,13 @@ routing:
   cooldown: 600
 keys:
   - {{name: quota, key_env: QUOTA_GATEWAY_KEY, tokens_per_day: {QUOTA_TOKENS_PER_DAY}}}
+  - {{name: spender, key_env: BUDGET_GATEWAY_KEY, team: search, budget_per_day: {BUDGET}}}
+teams:
+  - {{name: search, budget_per_month: 1}}
+prices:
+  currency: CNY
+  models:
+    qwen-plus: {{input: 0, output: 1000}}
 """
 
 
@@ -117,6 +128,9 @@ OTHER_CALLS = [
 ]
 # Sent one after the other, so that each answer's tokens are counted before the next call.
 QUOTA_KEY_CALLS = [Call("POST", "/v1/chat/completions", key=QUOTA_KEY, body=CHAT)] * 3
+BUDGET_KEY_CALLS = [
+    Call("POST", "/v1/chat/completions", key=BUDGET_KEY, body={**CHAT, "max_tokens": 6})
+] * 3
 
 
 @dataclass
@@ -125,6 +139,7 @@ class Monitored:
     statuses: Counter[int | str]
     # The quota key's, apart: sent one after another, so their order is the quota's.
     quota_key_statuses: list[int | str]
+    budget_key_statuses: list[int | str]
     # What the gateway's /metrics held after the load.
     exposition: Exposition
 
@@ -181,6 +196,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, down_port: int) -> Itera
             RATE_LIMIT_REQUESTS_PER_MINUTE=str(RATE_LIMIT),
             UPSTREAM_READ_TIMEOUT="1",
             QUOTA_GATEWAY_KEY=QUOTA_KEY,
+            BUDGET_GATEWAY_KEY=BUDGET_KEY,
             METRICS_KEY=METRICS_KEY,
         )
         target = gateway.url.removeprefix("http://")
@@ -191,8 +207,9 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, down_port: int) -> Itera
             statuses = Counter(pool.map(lambda c: send(gateway.url, c), FIRST_KEY_CALLS))
             statuses += Counter(pool.map(lambda c: send(gateway.url, c), OTHER_CALLS))
         quota_key_statuses = [send(gateway.url, call) for call in QUOTA_KEY_CALLS]
+        budget_key_statuses = [send(gateway.url, call) for call in BUDGET_KEY_CALLS]
         # Each call to a /v1 route is counted once its answer is complete.
-        calls = FIRST_KEY_CALLS + OTHER_CALLS + QUOTA_KEY_CALLS
+        calls = FIRST_KEY_CALLS + OTHER_CALLS + QUOTA_KEY_CALLS + BUDGET_KEY_CALLS
         sent = sum(1 for call in calls if call.path != UNKNOWN_ROUTE)
         wait_until(
             lambda: api_requests_seen(prometheus) >= sent,
@@ -206,7 +223,13 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, down_port: int) -> Itera
             "two samples of every series",
             prometheus.logs,
         )
-        yield Monitored(prometheus, statuses, quota_key_statuses, exported_series(gateway.url))
+        yield Monitored(
+            prometheus,
+            statuses,
+            quota_key_statuses,
+            budget_key_statuses,
+            exported_series(gateway.url),
+        )
     finally:
         for prometheus in started:
             prometheus.stop()
@@ -225,6 +248,7 @@ def test_the_load_produced_every_kind_of_answer(monitored: Monitored) -> None:
     assert statuses[502] == 0, statuses
     # Two answers of 11 tokens, then the day's 20 are spent.
     assert monitored.quota_key_statuses == [200, 200, 429], monitored.quota_key_statuses
+    assert monitored.budget_key_statuses == [200, 200, 429], monitored.budget_key_statuses
 
 
 def test_the_refusing_provider_was_fallen_back_from_and_cools_down(monitored: Monitored) -> None:

@@ -72,7 +72,13 @@ def test_usage_of_a_responses_answer_reads_its_counts_not_its_details() -> None:
         b'{"usage":{"input_tokens":40,"input_tokens_details":{"cached_tokens":8},'
         b'"output_tokens":12,"output_tokens_details":{"reasoning_tokens":5},"total_tokens":52}}'
     )
-    assert record.usage == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
+    # The cached part is kept beside the counts (priced at cached_input), never added to them.
+    assert record.usage == {
+        "prompt_tokens": 40,
+        "completion_tokens": 12,
+        "total_tokens": 52,
+        "cached_tokens": 8,
+    }
 
 
 @pytest.mark.parametrize(
