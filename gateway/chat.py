@@ -48,7 +48,7 @@ def _relay(path: str) -> Response:
     record.inject_usage = record.stream and path != "/embeddings" and not asked_for_usage(body)
     client = upstream_for(record.model)
     response = client.relay(
-        ChatDialect(path, body, request.query_string),
+        ChatDialect(path, body, request.query_string, output_cap=record.output_cap),
         record,
         request.headers,
         # gunicorn hands the client's socket to the app: watched for the client leaving.
@@ -95,6 +95,9 @@ class RequestHead(msgspec.Struct):
     max_completion_tokens: msgspec.Raw = msgspec.Raw()
     n: msgspec.Raw = msgspec.Raw()
     best_of: msgspec.Raw = msgspec.Raw()  # /completions: generated server-side, billed
+    # /completions: how many prompts `prompt` holds (each gets `n` completions); set from
+    # the body's `prompt` after decoding, never read from a member of this name.
+    prompts: int = 1
 
 
 def _max_tokens(head: RequestHead) -> int | None:
@@ -105,8 +108,27 @@ def _max_tokens(head: RequestHead) -> int | None:
 
 
 def _choices(head: RequestHead) -> int:
-    """How many completions the request may be billed for: `n`, or `best_of` if more."""
-    return max(1, _lenient_count(head.n) or 1, _lenient_count(head.best_of) or 1)
+    """How many completions the request may be billed for: `n` (or `best_of` if more) for
+    each of its prompts."""
+    per_prompt = max(1, _lenient_count(head.n) or 1, _lenient_count(head.best_of) or 1)
+    return per_prompt * head.prompts
+
+
+_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _prompt_count(prompt: msgspec.Raw | None) -> int:
+    """A list of strings or of token lists is that many prompts; a string, or one list of
+    tokens (integers), is one."""
+    if prompt is None or not bytes(prompt).lstrip().startswith(b"["):
+        return 1
+    try:
+        items = _LIST.decode(prompt)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 1  # the provider's to refuse
+    if not items or bytes(items[0]).lstrip()[:1] not in (b'"', b"["):
+        return 1
+    return len(items)
 
 
 def _lenient_count(raw: msgspec.Raw) -> int | None:
@@ -165,7 +187,7 @@ def parse_head(body: bytes) -> RequestHead:
             param=twice[:100],
             code="duplicate_member",
         )
-    read = {name: fields[name] for name in _HEAD_FIELDS if name in fields}
+    read = {name: fields[name] for name in _HEAD_FIELDS if name in fields and name != "prompts"}
     try:  # a few small values: the body is not decoded again
         head = _HEAD_DECODER.decode(_HEAD_ENCODER.encode(read))
     except msgspec.ValidationError as exc:
@@ -174,6 +196,7 @@ def parse_head(body: bytes) -> RequestHead:
         raise _unparsable() from None
     if head.model is None or not head.model.strip():
         raise _missing_model("missing_model" if head.model is None else "invalid_model")
+    head.prompts = _prompt_count(fields.get("prompt"))
     return head
 
 

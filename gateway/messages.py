@@ -36,13 +36,13 @@ def messages() -> Response:
     req = _parse(body)
     record = g.record
     record.model, record.stream = req.model, req.stream is True
-    admit(record, body, req.max_tokens)
+    routed = upstream_for(record.model)
+    admit(record, body, _most_output(req.max_tokens, routed))
     # A translated stream asks its provider for usage (message_delta reports it); a native
     # provider reports it unasked.
     record.inject_usage = record.stream
     reply = anthropic.reply_for(req)
     dialect = MessagesDialect(body, req, request.query_string, reply)
-    routed = upstream_for(record.model)
     return routed.relay(dialect, record, request.headers, client=Client.of(request.environ))
 
 
@@ -76,6 +76,17 @@ def count_tokens() -> Response:
             answer.close()
     counted = orjson.dumps({"input_tokens": anthropic.count_tokens(req)})
     return Response(counted, mimetype="application/json")
+
+
+def _most_output(max_tokens: int, routed: Routed) -> int:
+    """What the request may generate: its max_tokens, or less when every deployment that
+    may serve it translates and lowers it (`max_output_tokens`). Claude Code asks 32,000-
+    64,000: holding that against quotas and budgets would refuse it long before they end."""
+    caps = [c.max_output_tokens for c in routed.plan.candidates]
+    native = any(c.provider.serves("messages") for c in routed.plan.candidates)
+    if native or not caps or None in caps:
+        return max_tokens
+    return min(max_tokens, max(cap for cap in caps if cap is not None))
 
 
 def _parse(body: bytes, *, counting: bool = False) -> anthropic.MessagesRequest:

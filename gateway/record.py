@@ -77,6 +77,12 @@ class RequestRecord:
     usage: dict[str, int] | None = None
     upstream_error: str | None = None
     client_disconnected: bool = False
+    # The output limit the gateway sends when the request set none (a budgeted key's
+    # reservation assumed it: without it the provider could generate past the budget).
+    output_cap: int | None = None
+    # The stream's end mark was relayed (finish_reason, message_delta, response.completed):
+    # a client leaving before it left mid-answer.
+    answer_complete: bool = False
     # --- per-key accounting (gateway/policy) ---
     # Sizes an estimate is made of when the provider reports no usage: the request body,
     # and the answer text relayed (a stream's content deltas).

@@ -27,7 +27,7 @@ from gateway.protocols.common import ProtocolError
 from gateway.record import RequestRecord
 from gateway.stored import ResponseStore, Stored, StoreUnavailableError
 from gateway.upstream import Client, Routed, upstream_for
-from gateway.upstream.dialect import Leg, StreamTranslator
+from gateway.upstream.dialect import Leg, StreamTranslator, output_limit_name
 from gateway.upstream.edits import edited
 from gateway.upstream.router import Candidate
 
@@ -66,6 +66,7 @@ def create() -> Response:
     dialect = ResponsesDialect(
         body, req=req, reply=reply, store=_store(), owner=g.caller.key_id, previous=previous
     )
+    dialect.output_cap = record.output_cap
     return routed.relay(dialect, record, request.headers, client=Client.of(request.environ))
 
 
@@ -347,15 +348,22 @@ class ResponsesDialect:
         self.reply = reply
         self.previous = previous
         self.keeper = _Keeper(store, owner, req, previous)
+        self.output_cap: int | None = None
 
     def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg:
         provider = candidate.provider
         if provider.serves("responses"):
             model = candidate.upstream_model if candidate.rewrite else None
             name = provider.name
+            cap = self.output_cap
             return Leg(
                 "/responses",
-                edited(self.body, model=model, normalise=True),
+                edited(
+                    self.body,
+                    model=model,
+                    defaults={"max_output_tokens": cap} if cap is not None else None,
+                    normalise=True,
+                ),
                 on_first=lambda first: self.keeper.native(name, first),
                 stream_error=bridge.failed_event,
             )
@@ -368,6 +376,9 @@ class ResponsesDialect:
         )
         if dropped:
             logger.debug("built-in tools dropped for {}: {}", provider.name, ", ".join(dropped))
+        if self.output_cap is not None:
+            limit = output_limit_name(provider.kind, chat=True)
+            chat = edited(chat, defaults={limit: self.output_cap})
         return Leg(
             "/chat/completions",
             chat,

@@ -65,6 +65,22 @@ def admit(
     worst = _worst_cost(prices, record, max_tokens, choices) if caller.budgeted else 0
     tokens = reservation(record.prompt_bytes, max_tokens, choices)
     held = g.tokens = budget.reserve(caller, tokens, money=worst)
+    if caller.budgeted and not budget.up:
+        # Token limits fail open during a storage outage; money does not: each worker's
+        # memory would start every budget from zero and its charges would never reach
+        # the storage.
+        budget.settle(held, 0)
+        g.tokens = None
+        raise GatewayError(
+            503,
+            "This key's budget cannot be checked right now (the limits' storage is "
+            "unreachable); retry shortly.",
+            code="budget_unavailable",
+            headers={"Retry-After": "5"},
+        )
+    # A budgeted request with no output limit gets the one its reservation assumed: the
+    # dialects add it to what the provider is sent.
+    record.output_cap = prices.default_max_tokens if caller.budgeted and not max_tokens else None
     if held.full_slot is not None:
         slot = held.full_slot
         reason = (

@@ -44,6 +44,9 @@ def settle_usage(record: RequestRecord) -> int:
 
 
 def _answer_cost(record: RequestRecord) -> int:
+    stream_left_mid_answer = record.event_stream and record.client_disconnected
+    if record.usage and stream_left_mid_answer and not record.answer_complete:
+        _at_least_what_was_relayed(record)
     if record.usage:
         # One number: the access line's total is what the key pays (without a total, the
         # parts it shows add up to it).
@@ -66,6 +69,18 @@ def _answer_cost(record: RequestRecord) -> int:
     }
     record.usage_estimated = True
     return prompt + completion
+
+
+def _at_least_what_was_relayed(record: RequestRecord) -> None:
+    """A stream left mid-answer whose provider reported only a start (Messages' message_start
+    says output_tokens: 1): its completion is at least what was relayed."""
+    assert record.usage is not None
+    relayed = tokens_for(record.completion_bytes)
+    if relayed > record.usage.get("completion_tokens", 0):
+        usage = {**record.usage, "completion_tokens": relayed}
+        usage.pop("total_tokens", None)
+        record.usage = usage
+        record.usage_estimated = True
 
 
 def _provider_worked(record: RequestRecord) -> bool:

@@ -88,15 +88,22 @@ class ChatDialect:
     path: str
     body: bytes | None
     query: bytes = b""
+    # An output limit to send when the request has none (a budgeted key's): see record.
+    output_cap: int | None = None
 
     def leg(self, candidate: Candidate, *, stream: bool, include_usage: bool) -> Leg:
         body = self.body
         if body is not None:
-            thinking = candidate.provider.kind == "dashscope" and self.path == "/chat/completions"
+            chat = self.path == "/chat/completions"
+            defaults: dict[str, object] = {}
+            if candidate.provider.kind == "dashscope" and chat and not stream:
+                defaults.update(DASHSCOPE_CHAT_DEFAULTS)
+            if self.output_cap is not None and self.path != "/embeddings":
+                defaults[output_limit_name(candidate.provider.kind, chat)] = self.output_cap
             body = edited(
                 body,
                 model=candidate.upstream_model if candidate.rewrite else None,
-                defaults=DASHSCOPE_CHAT_DEFAULTS if thinking and not stream else None,
+                defaults=defaults or None,
                 include_usage=include_usage,
             )
         return Leg(self.path, body, self.query, usage_asked=include_usage)
@@ -123,3 +130,8 @@ def as_chunk(answer: bytes) -> bytes:
         "usage": whole.get("usage"),
     }
     return orjson.dumps(chunk)
+
+
+def output_limit_name(kind: str, chat: bool) -> str:
+    """The output limit's field: OpenAI's reasoning models refuse `max_tokens` in chat."""
+    return "max_completion_tokens" if kind == "openai" and chat else "max_tokens"

@@ -71,6 +71,7 @@ class _EventRelay(AnswerRelay):
             self._end_tail + piece[:_ANSWER_END_BYTES]
         ):
             self._answered = True
+            self._record.answer_complete = True
             self._exchange.answered(self._read_on_seconds)
         else:
             self._end_tail = (self._end_tail + piece[-_ANSWER_END_BYTES:])[-_ANSWER_END_BYTES:]

@@ -368,3 +368,36 @@ def test_a_deployments_max_output_tokens_caps_a_translated_max_tokens(
         sent = orjson.loads(upstream.calls[0].request.body)
     assert sent["model"] == "qwen-max"
     assert sent["max_tokens"] == 8192
+
+
+def test_claude_codes_max_tokens_is_held_as_the_deployments_cap_not_64000(
+    make_app: Callable[..., Flask],
+) -> None:
+    import hashlib
+
+    from gateway.config import KeyPolicy
+
+    key = "team-claude-0123456789"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    team = KeyPolicy.model_validate(
+        {"name": "claude", "key": f"sha256:{digest}", "tokens_per_day": 20_000}
+    )
+    chat = Provider(name="chat", base_url=CHAT, api_key=UPSTREAM_KEY)
+
+    def client_for(cap: int | None) -> FlaskClient:
+        deployment = Deployment(provider="chat", model="qwen-max", max_output_tokens=cap)
+        route = ModelRoute(name="claude-*", deployments=(deployment,))
+        app = make_app(target_api_key="", providers=(chat,), routes=(route,), key_policies=(team,))
+        return app.test_client()
+
+    body = {
+        "model": "claude-opus-5",
+        "max_tokens": 64000,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    headers = {"x-api-key": key}
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as upstream:
+        upstream.post(f"{CHAT}/chat/completions", json=CHAT_ANSWER)
+        # 64,000 may never fit a 20,000-token day; the 8,192 the deployment gives does.
+        assert client_for(None).post("/v1/messages", json=body, headers=headers).status_code == 429
+        assert client_for(8192).post("/v1/messages", json=body, headers=headers).status_code == 200

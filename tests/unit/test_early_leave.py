@@ -326,3 +326,24 @@ def test_escaping_or_padding_media_markers_never_lowers_the_estimate() -> None:
         {"model": "m", "messages": [{"role": "user", "content": [image] * 50}, padding]}
     )
     assert prompt_tokens(padded) >= plain
+
+
+def test_a_stream_left_mid_answer_pays_at_least_what_was_relayed() -> None:
+    from gateway.policy.usage import settle_usage
+    from gateway.record import RequestRecord
+
+    # A native Messages stream: message_start said output_tokens 1, then 40 KB of text went
+    # out before the client pressed Esc.
+    record = RequestRecord("r", "POST", "/v1/messages", "/v1/messages")
+    record.event_stream = record.client_disconnected = True
+    record.usage = {"prompt_tokens": 25, "completion_tokens": 1}
+    record.completion_bytes = 40_000
+    assert settle_usage(record) == 25 + 10_000
+    assert record.usage_estimated
+    # Left after the answer's end: the provider's own count stands.
+    done = RequestRecord("r", "POST", "/v1/messages", "/v1/messages")
+    done.event_stream = done.client_disconnected = done.answer_complete = True
+    done.usage = {"prompt_tokens": 25, "completion_tokens": 7000}
+    done.completion_bytes = 40_000
+    assert settle_usage(done) == 7025
+    assert not done.usage_estimated

@@ -281,3 +281,51 @@ def test_prices_and_budgets_past_what_the_counters_hold_exactly_are_refused() ->
         Pricing.model_validate({"models": {"m": {"input": 20_000, "output": 1}}})
     with pytest.raises(ValueError, match="less than or equal to 9000000"):
         Team(name="t", budget_total=Decimal(10**7))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "limit"),
+    [
+        (CHAT, {"model": "qwen-plus", "messages": []}, "max_tokens"),
+        ("/v1/completions", {"model": "qwen-plus", "prompt": "x"}, "max_tokens"),
+        ("/v1/responses", {"model": "qwen-plus", "input": "x"}, "max_tokens"),
+    ],
+)
+def test_a_budgeted_request_with_no_output_limit_is_sent_the_one_it_reserved(
+    make_app: MakeApp, upstream: responses.RequestsMock, path: str, body: dict[str, Any], limit: str
+) -> None:
+    # Without it the provider could generate past the budget: the hold assumed 100 tokens.
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    upstream.post(UPSTREAM_CHAT, json=answer)
+    upstream.post(f"{UNIT_UPSTREAM}/completions", json=answer)
+    client = make_app(key_policies=(policy(budget_per_day="1"),), pricing=PRICING).test_client()
+    sent = client.post(path, data=json.dumps(body), headers={"Authorization": f"Bearer {KEY}"})
+    assert sent.status_code == 200, sent.data
+    assert json.loads(upstream.calls[0].request.body)[limit] == 100
+    unbudgeted = make_app(key_policies=(policy(),), pricing=PRICING).test_client()
+    unbudgeted.post(path, data=json.dumps(body), headers={"Authorization": f"Bearer {KEY}"})
+    assert limit not in json.loads(upstream.calls[1].request.body)
+
+
+def test_a_budget_is_not_checked_in_memory_while_the_storage_is_down(
+    make_app: MakeApp, upstream: responses.RequestsMock
+) -> None:
+    down = "redis://127.0.0.1:1"  # nothing listens there: every step fails at once
+    app = make_app(
+        key_policies=(policy(budget_per_day="1"),), pricing=PRICING, rate_limit_storage_uri=down
+    )
+    refused = post(app.test_client(), {"model": "qwen-plus", "messages": [], "max_tokens": 5})
+    assert_openai_error(refused, 503, "budget_unavailable")
+    assert refused.headers["Retry-After"] == "5"
+    assert not upstream.calls
+    # Token limits alone still fail open, as before.
+    upstream.post(UPSTREAM_CHAT, json={"id": "c"})
+    tokens_only = make_app(key_policies=(policy(tpm=1000),), rate_limit_storage_uri=down)
+    assert post(tokens_only.test_client(), {"model": "m", "messages": []}).status_code == 200

@@ -236,3 +236,25 @@ def test_a_body_of_a_million_top_level_members_is_refused_before_they_are_walked
     assert refused.status_code == 400 and not upstream.calls
     assert "top-level members" in refused.get_json()["error"]["message"]
     assert time.monotonic() - started < 5  # the walk alone took ~0.5 s per 200,000
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reserved_output"),
+    [
+        (["a"] * 500, 500 * 4000),  # 500 prompts: 500 completions
+        ([[1, 2], [3, 4]], 2 * 4000),  # two prompts as token lists
+        ([1, 2, 3], 4000),  # one prompt as tokens
+        ("one", 4000),
+    ],
+)
+def test_a_completions_prompt_list_reserves_a_completion_for_each(
+    make_app: MakeApp, upstream: responses.RequestsMock, prompt: object, reserved_output: int
+) -> None:
+    upstream.post(f"{UNIT_UPSTREAM}/completions", json={"id": "c", "choices": []})
+    client = make_app(key_policies=(policy(tokens_per_day=1_000_000),)).test_client()
+    body = {"model": "qwen-plus", "prompt": prompt, "max_tokens": 4000}
+    answer = post(client, body, "/v1/completions")
+    if reserved_output > 1_000_000:  # more than the whole day's quota: refused unsent
+        assert answer.status_code == 429 and not upstream.calls
+    else:
+        assert answer.status_code == 200 and len(upstream.calls) == 1
