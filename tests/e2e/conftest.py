@@ -5,6 +5,7 @@ Every process a test starts is stopped at teardown, by its PID.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -60,6 +62,20 @@ class Gateway:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_line(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The access line of `request_id`, waited for (bounded): it is written once the
+        answer's last byte is sent, which may be just after the client has read it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.logs().splitlines():
+                if line.startswith("{") and request_id in line:
+                    entry = json.loads(line)
+                    if entry.get("event") == "access" and entry.get("request_id") == request_id:
+                        return dict(entry)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no access line for {request_id}:\n{self.logs()[-4000:]}")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -9,7 +9,6 @@ leaving mid-answer still cuts the provider at once (test_streaming proves it too
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import threading
 import time
@@ -82,17 +81,6 @@ def leave_after(response: requests.Response, marker: bytes) -> float:
     return time.monotonic()
 
 
-def access_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
-    for _ in range(300):
-        for line in gateway.logs().splitlines():
-            if line.startswith("{") and request_id in line:
-                entry = json.loads(line)
-                if entry.get("event") == "access" and entry.get("request_id") == request_id:
-                    return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}")
-
-
 def day_tokens(gateway: Gateway) -> int:
     report = requests.get(
         gateway.url + "/v1/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5
@@ -120,7 +108,7 @@ def test_a_client_leaving_after_finish_reason_is_charged_the_providers_usage(
     leave_after(ask(gateway, request_id), b'"finish_reason":"stop"')
     left.set()
 
-    entry = access_line(gateway, request_id)
+    entry = gateway.access_line(request_id)
     assert usage_sent, "the provider never sent its usage"
     assert entry["usage"] == BILLED
     assert "usage_estimated" not in entry
@@ -141,7 +129,7 @@ def test_a_provider_that_sends_no_usage_is_read_on_for_five_seconds_at_most(
     request_id = uuid.uuid4().hex
     left_at = leave_after(ask(gateway, request_id), b'"finish_reason":"stop"')
 
-    entry = access_line(gateway, request_id)
+    entry = gateway.access_line(request_id)
     assert raw_upstream.closed_at, "the gateway never let go of the provider"
     waited = raw_upstream.closed_at[0] - left_at
     assert 3.0 < waited < 8.0  # READ_ON_SECONDS (5 s), then let go
@@ -165,7 +153,7 @@ def test_a_client_leaving_mid_answer_still_cuts_the_provider_at_once(
     request_id = uuid.uuid4().hex
     left_at = leave_after(ask(gateway, request_id), b"more ")
 
-    entry = access_line(gateway, request_id)
+    entry = gateway.access_line(request_id)
     assert raw_upstream.closed_at, "the provider was never cut"
     assert raw_upstream.closed_at[0] - left_at < 2.0
     assert entry["usage_estimated"] is True

@@ -10,7 +10,6 @@ parsed: no Anthropic-only field or header, and never the gateway's key, reaches 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -190,18 +189,6 @@ def assert_clean_for_chat(received: DialectReceived) -> None:
     assert GATEWAY_KEY not in str(received.headers) and GATEWAY_KEY not in text
 
 
-def access_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
-    """The access line of `request_id` (waits for it, bounded)."""
-    for _ in range(100):
-        for line in gateway.logs().splitlines():
-            if line.startswith("{") and request_id in line:
-                entry = json.loads(line)
-                if entry.get("event") == "access" and entry.get("request_id") == request_id:
-                    return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}")
-
-
 # --- bridged to a Chat Completions provider ----------------------------------------------
 def test_create_is_translated_and_strips_anthropic_only_fields(
     gw: Gateway, chat_fake: FakeDialects
@@ -223,7 +210,7 @@ def test_create_is_translated_and_strips_anthropic_only_fields(
     assert body["model"] == "qwen-plus"
     assert body["messages"][0] == {"role": "system", "content": "You are Claude Code."}
     assert "stream_options" not in body and "stream" not in body
-    line = access_line(gw, request_id)
+    line = gw.access_line(request_id)
     assert line["status"] == 200 and line["path"] == "/v1/messages"
     assert line["usage"]["prompt_tokens"] == message.usage.input_tokens
 
@@ -248,7 +235,7 @@ def test_stream_reports_input_tokens_first_and_asks_the_provider_for_usage(
     body = tagged(chat_fake, "/v1/chat/completions", request_id).json
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert_clean_for_chat(tagged(chat_fake, "/v1/chat/completions", request_id))
-    line = access_line(gw, request_id)
+    line = gw.access_line(request_id)
     assert line["usage"]["completion_tokens"] == 12 and "usage_estimated" not in line
 
 
@@ -333,7 +320,7 @@ def test_native_provider_gets_the_request_nearly_as_sent(
     assert received.headers["anthropic-version"] == sdk(gw).default_headers["anthropic-version"]
     assert "anthropic-beta" not in received.headers  # flags only Anthropic knows
     assert GATEWAY_KEY not in str(received.headers)
-    line = access_line(gw, request_id)
+    line = gw.access_line(request_id)
     assert line["provider"] == "native" and line["status"] == 200
     assert line["usage"]["prompt_tokens"] == message.usage.input_tokens > 0
     assert line["usage"]["completion_tokens"] == 12
@@ -524,7 +511,7 @@ def test_a_failing_provider_falls_back_before_the_first_byte(
         if r.headers.get("x-request-id") == request_id
     ]
     assert tried == ["down", "up"]
-    line = access_line(pipeline_gw, request_id)
+    line = pipeline_gw.access_line(request_id)
     assert line["provider"] == "up" and line["attempts"] == ["down: server_error"]
     assert line["usage"]["prompt_tokens"] == message.usage.input_tokens
 
@@ -549,4 +536,4 @@ def test_a_client_leaving_mid_stream_cancels_the_providers_stream(
     gone = disconnects_of(providers["slow"], request_id)
     assert gone, "the provider never saw the gateway close the stream"
     assert gone[0].chunks_sent < 100
-    assert access_line(pipeline_gw, request_id)["status"] == 200
+    assert pipeline_gw.access_line(request_id)["status"] == 200

@@ -22,7 +22,6 @@ import requests
 from bench.procs import PeakRss
 from tests.constants import GATEWAY_KEY
 from tests.e2e.conftest import Gateway, GatewayFactory
-from tests.e2e.test_messages import access_line
 from tests.raw_upstream import RawRequest, RawUpstream, json_answer
 
 pytestmark = pytest.mark.e2e
@@ -139,7 +138,7 @@ def test_a_stream_without_usage_is_estimated(gw: Gateway) -> None:
     message = streamed(gw, "no usage", extra_headers={"X-Request-ID": request_id})
     assert message.content[-1].text == "fine"  # type: ignore[union-attr]
     assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
-    line = access_line(gw, request_id)
+    line = gw.access_line(request_id)
     assert line["usage_estimated"] is True and line["usage"]["prompt_tokens"] > 0
 
 

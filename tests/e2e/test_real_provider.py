@@ -10,8 +10,6 @@ with anything but the provider's key would fail with 401.
 
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,21 +103,9 @@ def tagged() -> tuple[str, dict[str, str]]:
     return request_id, {"X-Request-ID": request_id}
 
 
-def access_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
-    """The access line of `request_id` (waits for it, bounded)."""
-    for _ in range(100):
-        for line in gateway.logs().splitlines():
-            if line.startswith("{") and request_id in line:
-                entry = json.loads(line)
-                if entry.get("event") == "access" and entry.get("request_id") == request_id:
-                    return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}:\n{gateway.logs()[-4000:]}")
-
-
 def assert_provider_usage(gateway: Gateway, request_id: str, path: str) -> dict[str, Any]:
     """The request was answered by llama and billed with the usage llama reported."""
-    line = access_line(gateway, request_id)
+    line = gateway.access_line(request_id)
     assert line["status"] == 200 and line["path"] == path, line
     usage = line["usage"]
     assert usage["prompt_tokens"] > 0, line
