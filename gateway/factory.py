@@ -23,6 +23,7 @@ from gateway.policy.prices import PriceBook
 from gateway.policy.report import BudgetGauges, QuotaGauges
 from gateway.stored import ResponseStore
 from gateway.upstream import ModelCatalog, Router, UpstreamClient
+from gateway.upstream.router import keep_cooldowns_fresh
 
 # Headers a browser client may read from our responses.
 _EXPOSED_HEADERS = [
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Routing state (cooldowns, in-flight counts) lives in the app: a reload builds anew.
     router = Router(settings, on_cooldown=metrics.cooldown_changed)
     metrics.before_scrape.append(router.refresh)
+    if settings.prometheus_multiproc_dir:  # a scrape reaches one worker: each keeps its own
+        keep_cooldowns_fresh(router)
     upstream = app.extensions["gateway.upstream"] = UpstreamClient(settings, router, metrics)
     app.extensions["gateway.models"] = ModelCatalog(upstream)
     # Set on SIGTERM (see gunicorn.conf.py): /ready answers 503 while streams drain.

@@ -36,6 +36,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -386,3 +387,25 @@ def _glob(pattern: str) -> Callable[[str], bool]:
 
 def _ignore(key: DeploymentKey, on: bool) -> None:
     del key, on
+
+
+def keep_cooldowns_fresh(router: Router, every: float = 1.0) -> threading.Thread:
+    """A worker's thread that turns its cooldown gauge off when a cooldown ends.
+
+    With several workers (PROMETHEUS_MULTIPROC_DIR) a scrape reaches one of them, and
+    `refresh` before a scrape updates only that one: another worker's ended cooldown would
+    read 1 (and fire the shipped alert) until that worker happened to be scraped. The thread
+    holds the router weakly and ends with it.
+    """
+    ref = weakref.ref(router)
+    del router
+
+    def run() -> None:
+        while (alive := ref()) is not None:
+            alive.refresh()
+            del alive
+            time.sleep(every)
+
+    thread = threading.Thread(target=run, name="cooldown-gauge", daemon=True)
+    thread.start()
+    return thread

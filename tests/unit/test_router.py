@@ -379,3 +379,35 @@ def test_stream_options_are_dropped_for_a_deployment_that_refused_them() -> None
 
     assert not router.sends_stream_options(("a", "m"))
     assert router.sends_stream_options(("b", "m"))
+
+
+def test_a_worker_turns_its_cooldown_gauge_off_without_being_scraped() -> None:
+    import gc
+    import threading
+
+    from gateway.upstream.router import keep_cooldowns_fresh
+
+    clock = Clock()
+    changes: list[tuple[DeploymentKey, bool]] = []
+    off = threading.Event()
+
+    def on_cooldown(key: DeploymentKey, on: bool) -> None:
+        changes.append((key, on))
+        if not on:
+            off.set()
+
+    router = Router(
+        settings({"m": [d("a", "x")]}, rate_limited_cooldown=5),
+        clock=clock,
+        on_cooldown=on_cooldown,
+    )
+    router.failed(("a", "x"), "rate_limited")
+    assert changes == [(("a", "x"), True)]
+    thread = keep_cooldowns_fresh(router, every=0.01)
+    clock.now += 6  # the cooldown has ended; nobody scrapes this worker
+    assert off.wait(5), "the gauge stayed on"
+    assert changes[-1] == (("a", "x"), False)
+    del router
+    gc.collect()
+    thread.join(5)  # it holds the router weakly: gone with it
+    assert not thread.is_alive()
