@@ -66,6 +66,16 @@ class _EventRelay(AnswerRelay):
         self._answered = False
         self._end_tail = b""
 
+    def _arrived(self, piece: bytes) -> None:
+        """What every relayed piece tells the record: the first byte's time, the answer's
+        text (for an estimate), and whether the answer's end has come."""
+        record = self._record
+        if record.ttfb is None:
+            record.ttfb = record.elapsed()
+        record.completion_bytes += text_bytes(piece)
+        if not self._answered:
+            self._note_answer_end(piece)
+
     def _note_answer_end(self, piece: bytes) -> None:
         if _ANSWER_END.search(piece) or _ANSWER_END.search(
             self._end_tail + piece[:_ANSWER_END_BYTES]
@@ -138,14 +148,10 @@ class SseRelay(_EventRelay):
         self._usage = UsageChunks(record, remove=record.inject_usage)
 
     def __iter__(self) -> Iterator[bytes]:
-        record, ours = self._record, self._usage
+        ours = self._usage
         try:
             for piece in self._chunks:
-                if record.ttfb is None:
-                    record.ttfb = record.elapsed()
-                record.completion_bytes += text_bytes(piece)
-                if not self._answered:
-                    self._note_answer_end(piece)
+                self._arrived(piece)
                 chunk = ours.feed(piece)
                 if masked := self._scrubber.feed(chunk):
                     yield masked
@@ -210,19 +216,15 @@ class TranslatedSseRelay(_EventRelay):
         self._out_mask = Scrubber(scrubber.mask)
 
     def __iter__(self) -> Iterator[bytes]:
-        record, translator, scrubber = self._record, self._translator, self._scrubber
+        translator, scrubber = self._translator, self._scrubber
         events, out_mask = self._events, self._out_mask
         size = 0
         try:
             for piece in self._chunks:
-                if record.ttfb is None:
-                    record.ttfb = record.elapsed()
-                record.completion_bytes += text_bytes(piece)
+                self._arrived(piece)
                 size += len(piece)
                 if size > MAX_TRANSLATED_STREAM_BYTES:  # what the translator keeps grows too
                     raise AnswerTooLargeError(f"more than {MAX_TRANSLATED_STREAM_BYTES} bytes")
-                if not self._answered:
-                    self._note_answer_end(piece)
                 payloads = events.feed(scrubber.feed(piece))
                 if out := b"".join([translator.feed(data) for data in payloads]):
                     # Masked again: a translator decodes what the provider escaped (a key
