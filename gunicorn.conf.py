@@ -36,9 +36,9 @@ bind = f"0.0.0.0:{_settings.port}"
 # gthread: one thread per in-flight request; a stream holds its thread until its last byte.
 # This is gthread's ThreadWorker with capacity guards (gateway/server/): request heads are
 # read on the main loop within CLIENT_HEADER_TIMEOUT, so idle and slow clients hold no
-# thread; /health and /ready are answered there too, never queued; a request no thread
-# takes within QUEUE_TIMEOUT gets a 503; a client that stops reading is dropped after
-# CLIENT_WRITE_TIMEOUT. On SIGTERM it closes its listening socket, so new connections are
+# thread; /health and /ready are answered there too and /metrics by a thread of its own,
+# never queued; a request no thread takes within QUEUE_TIMEOUT gets a 503; a client that
+# stops reading is dropped after CLIENT_WRITE_TIMEOUT. On SIGTERM it closes its listening socket, so new connections are
 # refused at once instead of hanging through the drain; and requests gunicorn itself
 # rejects get an OpenAI-shaped JSON error.
 worker_class = "gateway.server.GatewayThreadWorker"

@@ -148,6 +148,18 @@ class GatewayMetrics:
             ["key", "reason"],
             registry=r,
         )
+        # Load the server shed (issue #18): answers and drops the worker (gateway/server/)
+        # makes itself, which no request metric sees. The worker names the reasons
+        # (gateway/server/shedding.py) and counts them through shed().
+        self.shed_requests = Counter(
+            "gateway_shed_requests",
+            "Requests the server refused or dropped to protect its capacity, by reason "
+            "(queue_timeout, header_timeout, header_too_large, slow_client, draining, "
+            "scrape_busy)",
+            ["reason"],
+            registry=r,
+        )
+        self._shed_by_reason: dict[str, Counter] = {}
         # Read at scrape time (the quota gauges read the shared token counters).
         self._live: list[Collector] = []
 
@@ -169,6 +181,14 @@ class GatewayMetrics:
 
     def cooldown_changed(self, deployment: tuple[str, str], cooling: bool) -> None:
         self.cooldown.labels(*deployment).set(1 if cooling else 0)
+
+    def shed(self, reason: str, count: int = 1) -> None:
+        """Count requests the worker shed. Called on its main loop, which must never wait:
+        a dict look-up and an add (an mmap write with PROMETHEUS_MULTIPROC_DIR)."""
+        child = self._shed_by_reason.get(reason)
+        if child is None:  # the worker's few reasons, each looked up once
+            child = self._shed_by_reason[reason] = self.shed_requests.labels(reason)
+        child.inc(count)
 
     def allows(self, authorization: str) -> bool:
         """Whether a scrape with this Authorization header may read the metrics."""

@@ -5,6 +5,10 @@
 - `replies.py`: the OpenAI-shaped error answers the worker writes itself.
 - `threads.py`: the request threads (stack size, started at boot).
 - `probes.py`: answering `/health` and `/ready` on the main loop, through the app.
+- `scrapes.py`: answering `/metrics` on a thread of its own, through the app.
+- `sending.py`: writing an answer larger than a socket buffer without blocking the main loop.
+- `shedding.py`: the load the worker sheds (503, 408, 431, dropped clients), counted in the
+  app's metrics.
 - `lingering.py`: closing client sockets gracefully without blocking the main loop.
 - `draining.py`: a worker's drain bounded by graceful_timeout (no new request, streams
   ended with their error event, exit on time).

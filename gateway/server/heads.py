@@ -1,4 +1,4 @@
-"""Request heads read on the worker's main loop: complete yet? too large? a probe?
+"""Request heads read on the worker's main loop: complete yet? too large? a probe? a scrape?
 
 The main loop only looks for the end of the head; gunicorn's own parser still parses it,
 from the bytes handed over, so every rule and rejection (400, 414, 431...) stays gunicorn's.
@@ -12,6 +12,7 @@ from typing import Any
 from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 
 _PROBE_PATHS = (b"/health", b"/ready")
+_METRICS_PATH = b"/metrics"
 
 
 class Head(enum.Enum):
@@ -55,14 +56,25 @@ def is_inline_probe(buffered: bytes) -> bool:
 
     A request with a body goes to a thread: reading a body may block, the main loop must not.
     """
+    return _bodiless_get_path(buffered) in _PROBE_PATHS
+
+
+def is_metrics_scrape(buffered: bytes) -> bool:
+    """`GET /metrics` (any query) without a body, from a complete head: answered by the
+    worker's scrape thread (scrapes.py), never queued behind the request threads."""
+    return _bodiless_get_path(buffered) == _METRICS_PATH
+
+
+def _bodiless_get_path(buffered: bytes) -> bytes | None:
+    """The path (without its query) of a complete `GET` head that announces no body."""
     end = buffered.find(b"\r\n\r\n")
     if end < 0:
-        return False
+        return None
     line, _, headers = buffered[:end].partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) != 3 or parts[0] != b"GET":
-        return False
-    if parts[1].split(b"?", 1)[0] not in _PROBE_PATHS:
-        return False
+        return None
     lowered = headers.lower()
-    return b"content-length:" not in lowered and b"transfer-encoding:" not in lowered
+    if b"content-length:" in lowered or b"transfer-encoding:" in lowered:
+        return None
+    return parts[1].split(b"?", 1)[0]

@@ -9,8 +9,8 @@ On top of that, this worker:
    is handed to a thread, its bytes seeded into the connection's parser. An idle or
    header-dripping client never holds a thread (stock gthread blocks one ~5 s per silent
    connection, and as long as a dripper likes).
-2. Answers GET /health and GET /ready on the main loop (see probes.py): they never queue
-   behind busy threads.
+2. Answers GET /health and GET /ready on the main loop (see probes.py), and GET /metrics
+   on a thread of its own (scrapes.py): they never queue behind busy threads.
 3. Bounds the queue: while more requests are in flight than threads, one that no thread
    has started after QUEUE_TIMEOUT is cancelled and answered 503 with Retry-After,
    instead of waiting without bound. Threads start at boot (threads.py).
@@ -25,6 +25,8 @@ On top of that, this worker:
    ready, and stay if it cannot boot.
 9. Drains within graceful_timeout (draining.py): no new request once draining, streams
    still open near the end get their error event, and the worker exits on time.
+10. Counts the load it sheds (503s, 408s, 431s, dropped clients) in the app's metrics
+    (shedding.py): the app never sees those requests.
 """
 
 from __future__ import annotations
@@ -46,12 +48,21 @@ from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from gateway.config import Settings
+from gateway.server import shedding
 from gateway.server.draining import Drain, draining_reply, end_streams, leave_now
 from gateway.server.handover import report_boot_failure, report_ready
-from gateway.server.heads import Head, head_state, is_inline_probe, max_head_bytes
+from gateway.server.heads import (
+    Head,
+    head_state,
+    is_inline_probe,
+    is_metrics_scrape,
+    max_head_bytes,
+)
 from gateway.server.lingering import Lingering
 from gateway.server.probes import render_probe
 from gateway.server.replies import busy_reply, error_reply, send_now, write_openai_error
+from gateway.server.scrapes import ScrapeThread, scrape_busy_reply
+from gateway.server.sending import Sending
 from gateway.server.threads import thread_pool
 
 # Connections accepted per poll at most, so that heads already read are not starved.
@@ -87,6 +98,9 @@ class GatewayConn(TConn):
 class GatewayThreadWorker(ThreadWorker):
     settings: Settings
     lingering: Lingering
+    sending: Sending
+    scrapes: ScrapeThread
+    count_shed: shedding.ShedCounter
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,14 +132,23 @@ class GatewayThreadWorker(ThreadWorker):
             os._exit(0)
 
     def get_thread_pool(self) -> futures.ThreadPoolExecutor:
-        return thread_pool(self.cfg.threads, alive=self.notify)
+        pool = thread_pool(self.cfg.threads, alive=self.notify)
+        # Beside the request threads and like them, started before the boot is reported.
+        self.scrapes = ScrapeThread()
+        return pool
 
     def run(self) -> None:
         # The app is loaded by now (preload_app): its settings are the gateway's settings.
         self.settings = self.wsgi.extensions["gateway.settings"]
         sys.setswitchinterval(self.settings.gil_switch_interval)
+        self.count_shed = shedding.shed_counter(self.wsgi)
         self.lingering = Lingering(self.poller)
-        super().run()
+        stalled = partial(self.count_shed, shedding.SLOW_CLIENT)
+        self.sending = Sending(self.poller, self.settings.client_write_timeout, stalled)
+        try:
+            super().run()
+        finally:
+            self.scrapes.shutdown()
         if self.in_flight:  # gthread's graceful_timeout passed with threads still busy
             leave_now(self.log, self.pid, self.in_flight)
 
@@ -215,6 +238,7 @@ class GatewayThreadWorker(ThreadWorker):
         if state is Head.TOO_LARGE:
             message = "The request's headers are too large."
             send_now(conn.sock, error_reply(431, "Request Header Fields Too Large", message))
+            self.count_shed(shedding.HEADER_TOO_LARGE)
             self._finish(conn, keep_alive=False)
             return True
         head = bytes(conn.head)
@@ -223,8 +247,11 @@ class GatewayThreadWorker(ThreadWorker):
         conn.data_ready = True  # gthread's thread must not wait for data again
         if is_inline_probe(head):
             self._answer_probe(conn)
+        elif is_metrics_scrape(head):
+            self._scrape(conn)
         elif not self.alive:  # draining: no new request (see draining.py)
             send_now(conn.sock, draining_reply())
+            self.count_shed(shedding.DRAINING)
             self._finish(conn, keep_alive=False)
         else:
             self._submit(conn)
@@ -248,6 +275,7 @@ class GatewayThreadWorker(ThreadWorker):
                     f"{self.settings.client_header_timeout:g} s."
                 )
                 send_now(conn.sock, error_reply(408, "Request Timeout", message))
+                self.count_shed(shedding.HEADER_TIMEOUT)
             self._finish(conn, keep_alive=False)
 
     def _cap_keepalive(self, deadline: float) -> None:
@@ -299,6 +327,40 @@ class GatewayThreadWorker(ThreadWorker):
             return
         self._finish(conn, keep_alive=send_now(conn.sock, reply) and keep_alive)
 
+    # -- scrapes, rendered on their own thread -----------------------------------------
+
+    def _scrape(self, conn: GatewayConn) -> None:
+        if self.scrapes.full():
+            send_now(conn.sock, scrape_busy_reply())
+            self.count_shed(shedding.SCRAPE_BUSY)
+            self._finish(conn, keep_alive=False)
+            return
+        keep_alive = self.alive and bool(self.cfg.keepalive)
+        self.scrapes.submit(
+            partial(self._render_scrape, conn, keep_alive),
+            lambda done: self.method_queue.defer(self._scraped, conn, done),
+        )
+
+    def _render_scrape(self, conn: GatewayConn, keep_alive: bool) -> tuple[bytes, bool]:
+        """On the scrape thread: the main loop leaves `conn` alone until `_scraped`."""
+        req = next(conn.parser)  # from the bytes already read: no socket read
+        return render_probe(
+            self.wsgi, self.cfg, req, conn.client, conn.server, keep_alive=keep_alive
+        )
+
+    def _scraped(self, conn: GatewayConn, done: futures.Future[tuple[bytes, bool]]) -> None:
+        self.scrapes.ended()
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled() or error is not None:
+            if error is not None:  # as gthread: gunicorn's own error answer
+                self.handle_error(None, conn.sock, conn.client, error)
+            self._finish(conn, keep_alive=False)
+            return
+        reply, keep_alive = done.result()
+        self.sending.send(
+            conn.sock, reply, lambda sent: self._finish(conn, keep_alive=sent and keep_alive)
+        )
+
     def _finish(self, conn: GatewayConn, *, keep_alive: bool) -> None:
         """gthread's own end of a request: keep the connection alive, or close it."""
         done: futures.Future[Any] = futures.Future()
@@ -331,6 +393,7 @@ class GatewayThreadWorker(ThreadWorker):
             # finish_request then closes the connection (a cancelled future means "close").
             if future.cancel():
                 send_now(conn.sock, busy_reply(self.settings.queue_timeout))
+                self.count_shed(shedding.QUEUE_TIMEOUT)
                 self.refused += 1
 
     def _log_refusals(self, now: float) -> None:
@@ -353,6 +416,7 @@ class GatewayThreadWorker(ThreadWorker):
         self._expire_heads(now)
         self._expire_waiting(now)
         self.lingering.expire(now)
+        self.sending.expire(now)
         self._log_refusals(now)
         if self.drain is not None:
             self._bound_drain(self.drain, now)
@@ -373,7 +437,7 @@ class GatewayThreadWorker(ThreadWorker):
             leave_now(self.log, self.pid, self.in_flight)
 
     def _until_next_deadline(self) -> float:
-        deadlines = [self.lingering.next_deadline()]
+        deadlines = [self.lingering.next_deadline(), self.sending.next_deadline()]
         if self.reading:
             deadlines.append(next(iter(self.reading)).head_deadline)
         if self.waiting:
@@ -390,6 +454,7 @@ class GatewayThreadWorker(ThreadWorker):
             return bool(super().handle_request(req, conn))
         except TimeoutError:
             # gthread has closed the response by now, and StreamRelay.close() its upstream.
+            self.count_shed(shedding.SLOW_CLIENT)
             self.log.warning(
                 "client %s stopped reading (or sending) for %.3g s: connection dropped",
                 conn.client,

@@ -48,6 +48,8 @@ PANELS_REQUIRED = [
     ("gateway_cost_total", "key"),
     ("gateway_cost_total", "model"),
     ("gateway_budget_spent", "owner"),
+    # Load the worker sheds (issue #18): refused, timed out or dropped before the app.
+    ("gateway_shed_requests_total", "reason"),
 ]
 QUANTILES_REQUIRED = {
     "gateway_request_duration_seconds_bucket": {"0.5", "0.95", "0.99"},
@@ -65,6 +67,7 @@ ALERTS_REQUIRED = {
     "AIGatewayKeyQuotaNearlyExhausted",
     "AIGatewayBudgetNearlySpent",
     "AIGatewayBudgetSpent",
+    "AIGatewayShedding",
 }
 
 
