@@ -38,9 +38,9 @@ bind = f"0.0.0.0:{_settings.port}"
 # read on the main loop within CLIENT_HEADER_TIMEOUT, so idle and slow clients hold no
 # thread; /health and /ready are answered there too and /metrics by a thread of its own,
 # never queued; a request no thread takes within QUEUE_TIMEOUT gets a 503; a client that
-# stops reading is dropped after CLIENT_WRITE_TIMEOUT. On SIGTERM it closes its listening socket, so new connections are
-# refused at once instead of hanging through the drain; and requests gunicorn itself
-# rejects get an OpenAI-shaped JSON error.
+# stops reading is dropped after CLIENT_WRITE_TIMEOUT. On SIGTERM it closes its listening
+# socket, so new connections are refused at once instead of hanging through the drain; and
+# requests gunicorn itself rejects get an OpenAI-shaped JSON error.
 worker_class = "gateway.server.GatewayThreadWorker"
 # One process by default: with RATE_LIMIT_STORAGE_URI=memory:// the limit counters live in
 # that process, so a second worker would double the limit (the settings refuse it). Scale
