@@ -58,6 +58,13 @@ def pinned(command: Sequence[str], core: int | None) -> list[str]:
     return ["taskset", "-c", str(core), *command] if core is not None else list(command)
 
 
+def pin_threads(pid: int, core: int) -> None:
+    """Every thread of `pid` onto `core`; the threads it starts later inherit it."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {core})
+
+
 def _children_by_parent() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
@@ -290,8 +297,9 @@ class Redis:
     port: int
 
 
-def start_redis(log_path: Path) -> Redis:
-    """A throw-away redis-server on loopback: no persistence, stopped by its PID."""
+def start_redis(log_path: Path, core: int | None = None) -> Redis:
+    """A throw-away redis-server on loopback: no persistence, stopped by its PID; on `core`
+    if given (the load generators' core: it must not take the pinned gateway's)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed: `apt-get install redis-server`")
@@ -301,7 +309,7 @@ def start_redis(log_path: Path) -> Redis:
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly"]
     command += ["no", "--maxclients", "10000"]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(pinned(command, core), stdout=log, stderr=subprocess.STDOUT)
     started = Started("redis-server", process, log_path)
     try:
         _wait_listening(started, port)

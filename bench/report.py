@@ -29,6 +29,11 @@ class Measurement:
     # long-N: SSE events in a full stream, and received in all streams (failed ones too).
     chunks: int = 0
     events: int = 0
+    # CPU of the bench's other processes meanwhile: the upstream (unless it is the server),
+    # the load generator, a redis-server. On shared cores it is taken from the server.
+    bench_cpu_seconds: float = 0.0
+    # Each gateway worker's CPU over the measured interval (the master's is not in it).
+    worker_cpu_seconds: tuple[float, ...] = ()
 
     @property
     def rps(self) -> float:
@@ -47,9 +52,39 @@ class Measurement:
         return self.cpu_seconds / self.events if self.events else None
 
     @property
+    def cores_busy(self) -> float:
+        """The server's CPU over the wall-clock time: 1.0 is one core fully used."""
+        return self.cpu_seconds / self.seconds if self.seconds else 0.0
+
+    @property
     def per_cpu_second(self) -> float:
         """Requests one fully busy core would serve per second at this CPU cost."""
         return self.requests / self.cpu_seconds if self.cpu_seconds else float("inf")
+
+
+@dataclass(frozen=True)
+class LimitCheck:
+    """A key limited to `limit` requests a minute was sent `sent` at once."""
+
+    limit: int
+    sent: int
+    admitted: int  # 200 with the upstream's body
+    refused: int  # 429
+    other: str  # any other outcome, "kind: n, ..."
+    # Each worker's CPU seconds during the burst: all of them > 0 means all took part.
+    worker_cpu: tuple[float, ...]
+
+    @property
+    def exact(self) -> bool:
+        return self.admitted == self.limit and self.refused == self.sent - self.limit
+
+    def describe(self) -> str:
+        other = f", other: {self.other}" if self.other else ""
+        workers = " / ".join(f"{cpu * 1000:.0f}" for cpu in self.worker_cpu)
+        return (
+            f"{self.admitted} of {self.sent} admitted, {self.refused} x 429{other}"
+            f" (workers' CPU ms meanwhile: {workers})"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,9 +100,38 @@ class Result:
     # Dialect scenarios: the same upstream chat stream relayed by the same gateway, in the
     # same run; `gateway` is then the translated (or bridged) stream.
     chat: Measurement | None = None
+    # teams-* and scale-*: the same load through the gateway set up otherwise (the plain
+    # gateway; one worker), same run; what `gateway` is compared with (bench/baseline.py).
+    baseline: Measurement | None = None
+    baseline_cores: int = 1
+    limit: LimitCheck | None = None
 
 
 Check = Callable[[Result], bool]
+
+
+def over_baseline(result: Result, metric: str) -> float:
+    """`metric` of the gateway over the baseline's; inf if there is none."""
+    if result.baseline is None:
+        return float("inf")
+    baseline = getattr(result.baseline, metric)
+    return getattr(result.gateway, metric) / baseline if baseline else float("inf")
+
+
+def _no_errors(result: Result) -> bool:
+    baseline = result.baseline.errors if result.baseline is not None else 0
+    return result.gateway.errors == 0 and baseline == 0
+
+
+def _cpu_over_plain(limit: float) -> list[tuple[str, Check]]:
+    return [
+        (
+            f"<= {limit}x plain gateway",
+            lambda r: over_baseline(r, "cpu_per_request") <= limit,
+        )
+    ]
+
+
 # (scenario, metric) -> [(target text, check)]. Metric names match the table's rows. The
 # long-*, calibration and stream-200 p99 +50 ms targets are issue #8's.
 TARGETS: dict[tuple[str, str], list[tuple[str, Check]]] = {
@@ -103,6 +167,26 @@ TARGETS: dict[tuple[str, str], list[tuple[str, Check]]] = {
     ],
     ("long-2000", "peak RSS MB"): [("<= 250", lambda r: r.gateway.peak_rss <= 250 * MB)],
     ("long-4000-redis", "errors"): [("0", lambda r: r.gateway.errors == 0)],
+    # Issue #18 (bench/setups.py): the teams config costs little over the plain gateway
+    # with the same load in the same run; two workers scale; the limits still hold.
+    ("teams-json-c64", "CPU ms/request"): _cpu_over_plain(1.1),
+    ("teams-json-c64", "errors"): [("0", _no_errors)],
+    ("teams-stream-200", "CPU ms/request"): _cpu_over_plain(1.1),
+    ("teams-stream-200", "errors"): [("0", _no_errors)],
+    ("teams-json-c64-redis", "CPU ms/request"): _cpu_over_plain(1.5),
+    ("teams-json-c64-redis", "errors"): [("0", _no_errors)],
+    ("teams-stream-200-redis", "CPU ms/request"): _cpu_over_plain(1.5),
+    ("teams-stream-200-redis", "errors"): [("0", _no_errors)],
+    ("scale-json", "req/s"): [(">= 1.7x one worker", lambda r: over_baseline(r, "rps") >= 1.7)],
+    ("scale-json", "errors"): [("0", _no_errors)],
+    ("scale-json", "rpm limit exact"): [
+        ("the limit, no more", lambda r: r.limit is not None and r.limit.exact)
+    ],
+    ("scale-json-pinned", "req/s"): [
+        (">= 1.7x one worker", lambda r: over_baseline(r, "rps") >= 1.7)
+    ],
+    ("scale-json-pinned", "errors"): [("0", _no_errors)],
+    ("scale-long", "errors"): [("0, bodies identical", _no_errors)],
 }
 
 
@@ -130,13 +214,13 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(pct) - 1]
 
 
-def _ms(seconds: float | None) -> str:
+def format_ms(seconds: float | None) -> str:
     if seconds == math.inf:
         return "none (timed out)"
     return "—" if seconds is None else f"{seconds * 1000:.2f}"
 
 
-def _ratio(gateway: float | None, direct: float | None) -> str:
+def format_ratio(gateway: float | None, direct: float | None) -> str:
     if gateway is None or not direct or not math.isfinite(gateway) or not math.isfinite(direct):
         return "—"
     return f"{gateway / direct:.2f}x"
@@ -156,38 +240,38 @@ def _rows(result: Result) -> list[Row]:
         value: Callable[[Measurement], float | None],
     ) -> None:
         calibration = show(c) if c is not None else "—"
-        over = _ratio(value(g), value(c)) if c is not None else "—"
-        rows.append((metric, show(d), show(g), _ratio(value(g), value(d)), calibration, over))
+        over = format_ratio(value(g), value(c)) if c is not None else "—"
+        rows.append((metric, show(d), show(g), format_ratio(value(g), value(d)), calibration, over))
 
     add("req/s", lambda m: f"{m.rps:,.0f}", lambda m: m.rps)
     add("req/s per CPU-second", lambda m: f"{m.per_cpu_second:,.0f}", lambda m: m.per_cpu_second)
-    add("latency p50 ms", lambda m: _ms(m.p50), lambda m: m.p50)
-    add("latency p99 ms", lambda m: _ms(m.p99), lambda m: m.p99)
+    add("latency p50 ms", lambda m: format_ms(m.p50), lambda m: m.p50)
+    add("latency p99 ms", lambda m: format_ms(m.p99), lambda m: m.p99)
     if d.ttfb_p50 is not None and g.ttfb_p50 is not None:
         for which in ("p50", "p99"):
             add(
                 f"TTFB {which} ms",
-                lambda m, w=which: _ttfb_shown(m, d, w),
+                lambda m, w=which: format_ttfb(m, d, w),
                 lambda m, w=which: getattr(m, f"ttfb_{w}"),
             )
     add("errors", lambda m: f"{m.errors}{m.error_detail}", lambda m: None)
     add("CPU ms/request", lambda m: f"{m.cpu_per_request * 1000:.3f}", lambda m: m.cpu_per_request)
     if g.chunks:
-        add("CPU µs/chunk", lambda m: _us(m.cpu_per_chunk), lambda m: m.cpu_per_chunk)
+        add("CPU µs/chunk", lambda m: format_us(m.cpu_per_chunk), lambda m: m.cpu_per_chunk)
     add("peak RSS MB", lambda m: f"{m.peak_rss / MB:.1f}", lambda m: m.peak_rss)
     add("peak PSS MB", lambda m: f"{m.peak_pss / MB:.1f}", lambda m: m.peak_pss)
     return rows
 
 
-def _ttfb_shown(m: Measurement, direct: Measurement, which: str) -> str:
+def format_ttfb(m: Measurement, direct: Measurement, which: str) -> str:
     """TTFB, and for a relay the time it adds over the direct call: `12.30 (+12.10)`."""
     value = getattr(m, f"ttfb_{which}")
     if m is direct or value is None or value == math.inf:
-        return _ms(value)
+        return format_ms(value)
     return f"{value * 1000:.2f} (+{(value - getattr(direct, f'ttfb_{which}')) * 1000:.2f})"
 
 
-def _us(seconds: float | None) -> str:
+def format_us(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds * 1e6:.1f}"
 
 
@@ -235,7 +319,7 @@ def _dialect_rows(r: Result) -> list[DialectRow]:
     cpu = f"<= {DIALECT_CPU_LIMIT}x chat relayed"
     over = _over_chat(r)
     rows: list[DialectRow] = [
-        ("streams/s", *(f"{m.rps:,.0f}" for m in (d, c, g)), _ratio(g.rps, c.rps), "", None),
+        ("streams/s", *(f"{m.rps:,.0f}" for m in (d, c, g)), format_ratio(g.rps, c.rps), "", None),
         (
             "CPU ms/stream",
             "—",
@@ -247,8 +331,8 @@ def _dialect_rows(r: Result) -> list[DialectRow]:
         ),
     ]
     for which in ("p50", "p99"):
-        shown = [_ttfb_shown(m, d, which) for m in (d, c, g)]
-        ratio = _ratio(getattr(g, f"ttfb_{which}"), getattr(c, f"ttfb_{which}"))
+        shown = [format_ttfb(m, d, which) for m in (d, c, g)]
+        ratio = format_ratio(getattr(g, f"ttfb_{which}"), getattr(c, f"ttfb_{which}"))
         rows.append((f"TTFB {which} ms", *shown, ratio, "", None))
     errors = [f"{m.errors}{m.error_detail}" for m in (d, c, g)]
     rows.append(("errors", *errors, "—", "0, bodies checked", c.errors + g.errors == 0))
@@ -328,5 +412,16 @@ LEGEND = """\
   half the stream duration each); *translated/chat* is the CPU per stream of the one over
   the other. Translated bodies carry fresh ids: they are
   checked (every text piece in order, the closing event), not compared byte for byte.
+- *teams-… and scale-…*: the gateway set up as teams run it (bench/setups.py: a
+  GATEWAY_CONFIG with two providers on the fake upstream, an alias that rewrites the
+  model, a key with rpm, tpm and a daily token quota too high to refuse) against a
+  baseline gateway with the same load in the same run: for teams the plain gateway of
+  json-c64 / stream-200, for scale one worker pinned to one core (scale-json-pinned:
+  the bench pins each of the two workers to a core of its own). *server cores busy*:
+  the server's CPU over the wall-clock time; *bench cores busy*: the same for the
+  upstream, the load generator and redis-server, which share the cores with the
+  two-worker gateway; *CPU s by worker*: each worker's share. *rpm limit exact*: after
+  the load, a key limited to N requests a minute sends 3N at once, each on its own
+  connection: exactly N must pass, whichever worker they reach.
 - JSON load: wrk (1 thread, keep-alive). Streams: bench/streams.py, keep-alive connections
   running streams back to back; every body is compared with the upstream's bytes."""

@@ -1,13 +1,15 @@
 """`python -m bench.run`: the gateway against a direct call to the same upstream, one table.
 
-    make bench                                      # everything, about 2-3 minutes
-    .venv/bin/python -m bench.run --quick           # a smoke run, well under a minute
+    make bench                                      # the defaults, about 6 minutes
+    .venv/bin/python -m bench.run --quick           # a smoke run, under 3 minutes
     .venv/bin/python -m bench.run --threads 1024 --scenarios stream-1000
+    .venv/bin/python -m bench.run --scenarios teams-json-c64,scale-json   # issue #18
     .venv/bin/python -m bench.run --profile         # plus where the worker spends its CPU
 
 Each scenario runs twice: straight at the fake upstream (bench/upstream.py), then through a
-fresh gateway started as in production (`gunicorn -c gunicorn.conf.py app:app`). The table
-goes to stdout and to bench/results/latest.md; gateway logs and profiles sit beside it.
+fresh gateway started as in production (`gunicorn -c gunicorn.conf.py app:app`); teams-*
+and scale-* also through a baseline gateway set up otherwise (bench/setups.py). The tables
+go to stdout and to bench/results/latest.md; gateway logs and profiles sit beside them.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import orjson
 
 from bench import profile
+from bench.baseline import baseline_ratios, baseline_table
 from bench.calibration import calibration_command, gunicorn_values
 from bench.dialects import DIALECTS
 from bench.procs import (
@@ -43,10 +46,10 @@ from bench.procs import (
     Started,
     busy_seconds,
     cpu_seconds,
+    pin_threads,
     process_tree,
     raise_open_files_limit,
     start_gateway,
-    start_redis,
     start_upstream,
 )
 from bench.report import (
@@ -59,6 +62,19 @@ from bench.report import (
     percentile,
     table,
 )
+from bench.setups import (
+    PLAIN,
+    REDIS_2,
+    TEAM_KEY,
+    TEAM_MODEL,
+    TEAMS,
+    TEAMS_REDIS,
+    TEAMS_REDIS_2,
+    TEAMS_REDIS_2_PINNED,
+    Setup,
+    check_limit,
+    prepared,
+)
 from bench.streams import StreamStats, run_streams, stream_request
 from bench.upstream import completion, expected_stream, scripted_model
 from bench.wrk import require_wrk, run_wrk
@@ -68,15 +84,28 @@ GATEWAY_KEY = "gw-bench-key-3b9e71c0d5a2"
 UPSTREAM_KEY = "sk-bench-upstream-5c8d2e"
 MODEL = "bench-model"
 CHUNKS, CHUNK_DELAY = 20, 0.02
-CHAT_BODY = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]})
-STREAM_BODY = orjson.dumps(
-    {
-        "model": MODEL,
-        "stream": True,
-        "messages": [{"role": "user", "content": "Hello"}],
-        "fake": {"chunks": CHUNKS, "delay": CHUNK_DELAY},
-    }
-)
+
+
+# `model`: the name the client sends. Through an alias (bench/setups.py) the upstream is
+# asked for MODEL and echoes it: every answer is still compared with MODEL's bytes.
+@cache
+def chat_body(model: str) -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}]})
+
+
+@cache
+def stream_body(model: str, chunks: int = CHUNKS, delay: float = CHUNK_DELAY) -> bytes:
+    return orjson.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "fake": {"chunks": chunks, "delay": delay},
+        }
+    )
+
+
+CHAT_BODY = chat_body(MODEL)
 
 
 @dataclass(frozen=True)
@@ -88,11 +117,18 @@ class Scenario:
     concurrency: int
     # Also measure the calibration relay (bench/calibration_app.py); `calib-<name>` sets it.
     calibrate: bool = False
-    # Two workers sharing a redis-server for the limits, on all cores (not pinned).
-    redis: bool = False
+    # How the gateway is set up (bench/setups.py): config file, Redis, workers.
+    setup: Setup = PLAIN
+    # The same load through the gateway set up this way too, compared in bench/baseline.py;
+    # reused when an earlier scenario of the run measured it.
+    baseline: Setup | None = None
+    # After the measured load, a key limited to N requests a minute sends 3N at once.
+    exact_limit: bool = False
     # Streams in a dialect of bench.dialects ("messages", "responses"), each compared with
     # the same chat stream relayed by the same gateway; None: the chat stream of stream-N.
     dialect: str | None = None
+    # Only when asked for by name: too slow for `make bench`.
+    by_name: bool = False
 
 
 SCENARIOS = {
@@ -109,15 +145,30 @@ SCENARIOS = {
         Scenario("responses-stream-200", "stream", 200, dialect="responses"),
         Scenario("long-1000", "long", 1000, calibrate=True),
         Scenario("long-2000", "long", 2000, calibrate=True),
-        Scenario("long-4000-redis", "long", 4000, redis=True),
+        Scenario("long-4000-redis", "long", 4000, setup=REDIS_2, by_name=True),
+        # Issue #18: what teams run, against the plain gateway of json-c64 and stream-200.
+        Scenario("teams-json-c64", "json", 64, setup=TEAMS, baseline=PLAIN),
+        Scenario("teams-stream-200", "stream", 200, setup=TEAMS, baseline=PLAIN),
+        Scenario("teams-json-c64-redis", "json", 64, setup=TEAMS_REDIS, baseline=PLAIN),
+        Scenario("teams-stream-200-redis", "stream", 200, setup=TEAMS_REDIS, baseline=PLAIN),
+        # Two workers against one (teams-json-c64-redis's gateway), then the limit's check.
+        Scenario(
+            "scale-json", "json", 64, setup=TEAMS_REDIS_2, baseline=TEAMS_REDIS, exact_limit=True
+        ),
+        # The same with each worker pinned to a core of its own: unpinned, a worker's threads
+        # migrate between cores and hand its GIL over from one core to the other.
+        Scenario("scale-json-pinned", "json", 64, setup=TEAMS_REDIS_2_PINNED, baseline=TEAMS_REDIS),
+        Scenario(
+            "scale-long", "long", 2000, setup=TEAMS_REDIS_2, baseline=TEAMS_REDIS, by_name=True
+        ),
     )
 }
-# The Redis scenario needs ~1 minute more and a redis-server: asked for by name only; of
-# the dialect scenarios, the defaults run the 200-stream ones.
+# The long Redis scenarios need a minute or more each: asked for by name only; of the
+# dialect scenarios, the defaults run the 200-stream ones.
 DEFAULT_SCENARIOS = [
     name
     for name, s in SCENARIOS.items()
-    if not s.redis and not (s.dialect and s.concurrency != 200)
+    if not s.by_name and not (s.dialect and s.concurrency != 200)
 ]
 
 
@@ -153,17 +204,6 @@ FULL = Durations(json=10, stream=8, warmup=2, long=LongStreams(50, delay=0.2, ra
 QUICK = Durations(json=2, stream=2, warmup=1, long=LongStreams(10, delay=0.2, ramp=1, grace=5))
 
 
-def long_stream_body(shape: LongStreams) -> bytes:
-    return orjson.dumps(
-        {
-            "model": MODEL,
-            "stream": True,
-            "messages": [{"role": "user", "content": "Hello"}],
-            "fake": {"chunks": shape.chunks, "delay": shape.delay},
-        }
-    )
-
-
 @dataclass(frozen=True)
 class Target:
     """Where load goes and whose CPU and memory it costs."""
@@ -171,42 +211,94 @@ class Target:
     port: int
     key: str
     server_pid: int
+    # The model name its clients send.
+    model: str = MODEL
+    # Processes started for it besides the server (a redis-server): the bench's CPU.
+    side_pids: tuple[int, ...] = ()
 
 
 class Bench:
     """Runs scenarios against the direct target and fresh gateways; one per `bench.run`."""
 
-    def __init__(self, args: argparse.Namespace, cores: Cores, upstream_port: int) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cores: Cores,
+        upstream_port: int,
+        upstream_pid: int | None = None,
+    ) -> None:
         self.args = args
         self.cores = cores
         self.upstream_port = upstream_port
+        self.upstream_pid = upstream_pid
         self.durations = QUICK if args.quick else FULL
+        # What this run measured, to reuse for the same load: direct calls by (kind,
+        # concurrency, dialect); gateways by (setup, kind, concurrency), with the scenario.
+        self.directs: dict[tuple[str, int, str | None], Measurement] = {}
+        self.gateways: dict[tuple[Setup, str, int], tuple[str, Measurement]] = {}
 
     def run(self, scenario: Scenario, direct: Target) -> Result:
         if scenario.dialect is not None:
             return self.run_dialect(scenario, direct)
-        print(f"== {scenario.name}: direct", flush=True)
-        direct_measurement = self.measure(scenario, direct)
-        print(f"== {scenario.name}: gateway", flush=True)
-        with self.scenario_environment(scenario) as extra_env:
-            pin = not scenario.redis  # two workers on two cores: nothing to pin to
-            with self.gateway(scenario.name, extra_env=extra_env, pin=pin) as gateway:
-                gateway_measurement = self.measure(scenario, gateway)
+        direct_measurement = self.measure_direct(scenario, direct)
+        print(f"== {scenario.name}: gateway ({scenario.setup.describe()})", flush=True)
+        limit = None
+        with self.gateway(scenario.name, setup=scenario.setup) as gateway:
+            gateway_measurement = self.measure(scenario, gateway)
+            if scenario.exact_limit:
+                print(f"== {scenario.name}: the rpm limit, across workers", flush=True)
+                limit = check_limit(
+                    gateway.port, gateway.server_pid, chat_body(gateway.model), completion(MODEL)
+                )
+        measured = (scenario.setup, scenario.kind, scenario.concurrency)
+        self.gateways.setdefault(measured, (scenario.name, gateway_measurement))
+        baseline, baseline_note = self.measure_baseline(scenario)
         calibration_measurement = None
         if scenario.calibrate:
             print(f"== {scenario.name}: calibration relay", flush=True)
             with self.calibration(scenario.name) as calibration:
                 calibration_measurement = self.measure(scenario, calibration)
-        # Pinned, the gateway has one core; unpinned, it may use them all.
-        cores = 1 if self.cores.pinned and not scenario.redis else self.cores.available
         return Result(
             scenario.name,
             direct_measurement,
             gateway_measurement,
-            cores,
+            self.gateway_cores(scenario.setup),
             calibration=calibration_measurement,
-            note=self.note(scenario),
+            note=self.note(scenario, baseline_note),
+            baseline=baseline,
+            baseline_cores=self.gateway_cores(scenario.baseline or PLAIN),
+            limit=limit,
         )
+
+    def gateway_cores(self, setup: Setup) -> int:
+        """Pinned, the gateway has one core; unpinned, it may use them all."""
+        return 1 if self.cores.pinned and setup.pinned else self.cores.available
+
+    def measure_direct(self, scenario: Scenario, direct: Target) -> Measurement:
+        """The load straight at the upstream, once per run for each shape of load."""
+        shape = (scenario.kind, scenario.concurrency, scenario.dialect)
+        if shape in self.directs:
+            print(f"== {scenario.name}: direct (measured earlier in this run)", flush=True)
+        else:
+            print(f"== {scenario.name}: direct", flush=True)
+            self.directs[shape] = self.measure(scenario, direct)
+        return self.directs[shape]
+
+    def measure_baseline(self, scenario: Scenario) -> tuple[Measurement | None, str]:
+        """The same load through the scenario's baseline set-up; where it comes from."""
+        setup = scenario.baseline
+        if setup is None:
+            return None, ""
+        measured = (setup, scenario.kind, scenario.concurrency)
+        if measured in self.gateways:
+            name, found = self.gateways[measured]
+            print(f"== {scenario.name}: baseline is {name}'s gateway, this run", flush=True)
+            return found, f"{name}'s gateway, this run"
+        print(f"== {scenario.name}: baseline gateway ({setup.describe()})", flush=True)
+        with self.gateway(f"{scenario.name}-baseline", setup=setup) as gateway:
+            found = self.measure(scenario, gateway)
+        self.gateways[measured] = (f"{scenario.name}-baseline", found)
+        return found, "measured within this scenario"
 
     def run_dialect(self, scenario: Scenario, direct: Target) -> Result:
         """The chat stream direct, then through one gateway both relayed and in the dialect.
@@ -216,8 +308,7 @@ class Bench:
         process's age changes fall on both alike.
         """
         chat = dataclasses.replace(scenario, dialect="chat")
-        print(f"== {scenario.name}: direct (chat)", flush=True)
-        direct_measurement = self.measure(chat, direct)
+        direct_measurement = self.measure_direct(chat, direct)
         half = self.durations.stream / 2
         stats = {"chat": StreamStats(), "dialect": StreamStats()}
         cpu = dict.fromkeys(stats, 0.0)
@@ -247,30 +338,21 @@ class Bench:
             chat=chat_measurement,
         )
 
-    def note(self, scenario: Scenario) -> str:
+    def note(self, scenario: Scenario, baseline_note: str = "") -> str:
         notes = []
-        if scenario.redis:
-            notes.append("2 workers, limits in redis-server, gateway not pinned")
+        if scenario.baseline is not None:
+            notes.append(f"gateway: {scenario.setup.describe()}")
+            notes.append(f"baseline: {scenario.baseline.describe()} ({baseline_note})")
+        elif scenario.setup != PLAIN:
+            notes.append(scenario.setup.describe())
+        if not scenario.setup.pinned and self.cores.pinned:
+            notes.append(
+                f"its workers share core {self.cores.load} with the upstream, the load"
+                " generator and redis-server"
+            )
         if scenario.kind == "long" and self.args.quick:
             notes.append(f"--quick: {self.durations.long.seconds:g} s streams, no warm-up")
         return "; ".join(notes)
-
-    @contextmanager
-    def scenario_environment(self, scenario: Scenario) -> Iterator[dict[str, str]]:
-        """Extra gateway environment: two workers sharing a redis-server, or nothing."""
-        if not scenario.redis:
-            yield {}
-            return
-        with tempfile.TemporaryDirectory(prefix="bench-prom-") as prometheus_dir:
-            redis = start_redis(RESULTS / "redis.log")
-            try:
-                yield {
-                    "GUNICORN_WORKERS": "2",
-                    "RATE_LIMIT_STORAGE_URI": f"redis://127.0.0.1:{redis.port}/0",
-                    "PROMETHEUS_MULTIPROC_DIR": prometheus_dir,
-                }
-            finally:
-                redis.started.stop()
 
     def environment(self, port: int, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
         return {
@@ -301,19 +383,33 @@ class Bench:
         label: str,
         command: Sequence[str] = PRODUCTION_COMMAND,
         extra_env: Mapping[str, str] | None = None,
-        pin: bool = True,
+        setup: Setup = PLAIN,
     ) -> Iterator[Target]:
         port = _free_port()
-        env = self.environment(port, extra_env)
-        log_path = RESULTS / f"gateway-{label}.log"
-        core = self.cores.gateway if pin else None
-        started = start_gateway(env, core, log_path, command)
-        try:
-            check_answers(port, GATEWAY_KEY)
-            yield Target(port, GATEWAY_KEY, started.pid)
-        finally:
-            started.stop()
-            _report_log_problems(started)
+        key, model = (TEAM_KEY, TEAM_MODEL) if setup.config else (GATEWAY_KEY, MODEL)
+        redis_log = RESULTS / f"redis-{label}.log"
+        with prepared(setup, self.upstream_port, UPSTREAM_KEY, redis_log, self.cores.load) as ready:
+            env = self.environment(port, {**ready.env, **(extra_env or {})})
+            log_path = RESULTS / f"gateway-{label}.log"
+            core = self.cores.gateway if setup.pinned else None
+            started = start_gateway(env, core, log_path, command)
+            try:
+                if setup.pin_workers and self.cores.gateway is not None:
+                    self.pin_workers(started.pid)
+                check_answers(port, key, chat_body(model))
+                yield Target(port, key, started.pid, model, ready.side_pids)
+            finally:
+                started.stop()
+                _report_log_problems(started)
+
+    def pin_workers(self, server_pid: int) -> None:
+        """Worker i onto the gateway core or the load core, alternately."""
+        workers = sorted(pid for pid in process_tree(server_pid) if pid != server_pid)
+        cores = [self.cores.gateway, self.cores.load]
+        for index, pid in enumerate(workers):
+            core = cores[index % len(cores)]
+            assert core is not None
+            pin_threads(pid, core)
 
     def measure(self, scenario: Scenario, target: Target) -> Measurement:
         with PeakRss(target.server_pid) as rss:
@@ -322,12 +418,36 @@ class Bench:
             if not (scenario.kind == "long" and self.args.quick):
                 self.load(scenario, target, self.durations.warmup, warmup=True)
             tree = process_tree(target.server_pid)
-            cpu_before = cpu_seconds(tree)
+            # Each worker's own share: keep-alive connections stay with the worker that
+            # accepted them, so several workers may not share the load evenly.
+            workers = [pid for pid in tree if pid != target.server_pid]
+            cpu_before, bench_before = cpu_seconds(tree), self.bench_cpu(target)
+            workers_before = [cpu_seconds([pid]) for pid in workers]
             measurement = self.load(scenario, target, self.seconds(scenario))
             cpu = cpu_seconds(tree) - cpu_before
+            bench_cpu = self.bench_cpu(target) - bench_before
+            worker_cpu = tuple(
+                cpu_seconds([pid]) - before
+                for pid, before in zip(workers, workers_before, strict=True)
+            )
         return dataclasses.replace(
-            measurement, cpu_seconds=cpu, peak_rss=rss.peak, peak_pss=rss.peak_pss
+            measurement,
+            cpu_seconds=cpu,
+            peak_rss=rss.peak,
+            peak_pss=rss.peak_pss,
+            bench_cpu_seconds=bench_cpu,
+            worker_cpu_seconds=worker_cpu,
         )
+
+    def bench_cpu(self, target: Target) -> float:
+        """CPU so far of the bench's side: this process (the stream client), its finished
+        children (wrk), the upstream unless it is the target, and the target's helpers."""
+        own = os.times()
+        others = list(target.side_pids)
+        if self.upstream_pid is not None and self.upstream_pid != target.server_pid:
+            others.append(self.upstream_pid)
+        mine = own.user + own.system + own.children_user + own.children_system
+        return mine + cpu_seconds(others)
 
     def seconds(self, scenario: Scenario) -> float:
         if scenario.kind == "long":
@@ -346,7 +466,7 @@ class Bench:
     def _json_load(self, scenario: Scenario, target: Target, seconds: float) -> Measurement:
         found = run_wrk(
             f"http://127.0.0.1:{target.port}/v1/chat/completions",
-            body=CHAT_BODY,
+            body=chat_body(target.model),
             key=target.key,
             connections=scenario.concurrency,
             seconds=seconds,
@@ -381,7 +501,7 @@ class Bench:
         stats = StreamStats() if stats is None else stats
         earlier = stats.seconds
         if scenario.dialect is None:
-            request = stream_request(target.port, target.key, STREAM_BODY)
+            request = stream_request(target.port, target.key, stream_body(target.model))
             expected = expected_stream(MODEL, CHUNKS)
         else:
             dialect = DIALECTS[scenario.dialect]
@@ -410,7 +530,8 @@ class Bench:
         upstream pool that the long streams will find, in well under their duration.
         """
         shape = self.durations.long
-        body, chunks = (STREAM_BODY, CHUNKS) if warmup else (long_stream_body(shape), shape.chunks)
+        chunks = CHUNKS if warmup else shape.chunks
+        body = stream_body(target.model, chunks, CHUNK_DELAY if warmup else shape.delay)
         seconds = CHUNKS * CHUNK_DELAY if warmup else shape.seconds
         stats = asyncio.run(
             run_streams(
@@ -466,11 +587,11 @@ def gateway_env(port: int, upstream_port: int, threads: int | None) -> dict[str,
     return env
 
 
-def check_answers(port: int, key: str) -> None:
+def check_answers(port: int, key: str, body: bytes = CHAT_BODY) -> None:
     """Before timing anything: one JSON answer must arrive byte-identical."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=CHAT_BODY,
+        data=body,
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -561,7 +682,7 @@ def run_profile(bench: Bench, scenario: Scenario) -> str:
     """The scenario twice more, apart from the measured runs: threads split, then cProfile."""
     print(f"== profile: {scenario.name}, CPU by gunicorn thread role", flush=True)
     seconds = bench.seconds(scenario)
-    with bench.gateway("profile-threads") as target:
+    with bench.gateway("profile-threads", setup=scenario.setup) as target:
         bench.load(scenario, target, bench.durations.warmup, warmup=True)
         workers = [pid for pid in process_tree(target.server_pid) if pid != target.server_pid]
         before = profile.thread_cpu(target.server_pid, workers)
@@ -575,7 +696,7 @@ def run_profile(bench: Bench, scenario: Scenario) -> str:
         stale.unlink()
     command = [str(BIN / "python"), "-m", "bench.cpuprofile", "-c", "gunicorn.conf.py", "app:app"]
     extra = {"BENCH_PROFILE_DIR": str(out_dir)}
-    with bench.gateway("profile-cprofile", command, extra) as target:
+    with bench.gateway("profile-cprofile", command, extra, scenario.setup) as target:
         bench.load(scenario, target, bench.durations.warmup, warmup=True)
         bench.load(scenario, target, seconds)
     dumps = sorted(out_dir.glob("worker-*.pstats"))
@@ -655,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream, upstream_port = start_upstream(cores.load)
     try:
         check_answers(upstream_port, UPSTREAM_KEY)
-        bench = Bench(args, cores, upstream_port)
+        bench = Bench(args, cores, upstream_port, upstream.pid)
         direct = Target(upstream_port, UPSTREAM_KEY, upstream.pid)
         results = [bench.run(scenario, direct) for scenario in args.scenarios]
         profile_section = run_profile(bench, SCENARIOS[args.profile]) if args.profile else ""
@@ -672,9 +793,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(header: str, results: list[Result], profile_section: str, seconds: float) -> str:
-    rendered, missed = table([r for r in results if r.chat is None])
+    rendered, missed = table([r for r in results if r.chat is None and r.baseline is None])
     dialects, dialects_missed = dialect_table([r for r in results if r.chat is not None])
-    missed += dialects_missed
+    baselines, baselines_missed = baseline_table([r for r in results if r.baseline is not None])
+    missed += dialects_missed + baselines_missed
     verdict = (
         "All targets in this run are met."
         if not missed
@@ -684,9 +806,11 @@ def render(header: str, results: list[Result], profile_section: str, seconds: fl
         header,
         rendered if len(rendered.splitlines()) > 2 else "",
         dialects,
+        baselines,
         verdict,
         floor_ratios(results),
         dialect_ratios(results),
+        baseline_ratios(results),
         LEGEND,
         profile_section,
         f"Whole run: {seconds:.0f} s.",
