@@ -106,10 +106,29 @@ def _json_response(status: int, body: bytes) -> bytes:
     return _JSON_HEAD % (status, reason, len(body)) + body
 
 
+def usage_event(model: str, chunks: int) -> bytes:
+    """The usage chunk OpenAI sends last when `stream_options.include_usage` is asked for."""
+    usage = {"prompt_tokens": 5, "completion_tokens": chunks, "total_tokens": 5 + chunks}
+    chunk = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
 @functools.cache
-def _stream_frames(model: str, chunks: int) -> tuple[bytes, ...]:
-    """Wire frames of one stream: headers ride with the first event, the end with the last."""
-    events = [*(sse_event(i, model) for i in range(chunks)), b"data: [DONE]\n\n"]
+def _stream_frames(model: str, chunks: int, usage: bool) -> tuple[bytes, ...]:
+    """Wire frames of one stream: headers ride with the first event, the end with the last.
+    With `usage`, the usage chunk before [DONE], as a provider sends it (the gateway asks
+    for it on every stream and takes it out again for a client that did not)."""
+    events = [*(sse_event(i, model) for i in range(chunks))]
+    if usage:
+        events.append(usage_event(model, chunks))
+    events.append(b"data: [DONE]\n\n")
     frames = [b"%x\r\n%s\r\n" % (len(event), event) for event in events]
     frames[0] = _SSE_HEAD + frames[0]
     frames[-1] += _CHUNKED_END
@@ -187,7 +206,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.write(_json_response(200, completion(model)))
             return
         chunks, delay = _script(payload, model)
-        self._start_stream(_stream_frames(model, chunks), delay)
+        options = payload.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        self._start_stream(_stream_frames(model, chunks, usage), delay)
 
     def _start_stream(self, frames: tuple[bytes, ...], delay: float) -> None:
         assert self.transport is not None
