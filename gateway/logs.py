@@ -18,10 +18,15 @@ from gunicorn import glogging
 from loguru import logger
 
 from gateway.config import Settings
+from gateway.log_output import LineOutput
 from gateway.secrets import spellings
 
 # Set per request by gateway.access; streams run in the same thread, so it holds for them too.
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+_WARNING = 30  # loguru's WARNING level number
+# The JSON sink's output, once configured.
+_output: LineOutput | None = None
 
 _TEXT_FORMAT = (
     "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[request_id]} | {message} | {extra}"
@@ -69,7 +74,8 @@ def _redactor(secrets: tuple[str, ...]) -> Callable[[str], str]:
 
 
 def _json_sink(redact: Callable[[str], str]) -> Callable[[Any], None]:
-    stream = sys.stdout
+    global _output  # noqa: PLW0603 - one output per process, replaced with its stdout
+    output = _output = LineOutput(sys.stdout)
 
     def sink(message: Any) -> None:
         record = message.record
@@ -85,10 +91,22 @@ def _json_sink(redact: Callable[[str], str]) -> Callable[[Any], None]:
             entry["exception"] = f"{exc.type.__name__ if exc.type else ''}: {exc.value}"
             entry["traceback"] = _format_traceback(exc)
         line = redact(orjson.dumps(entry, default=str).decode())
-        stream.write(line + "\n")
-        stream.flush()
+        output.write(line + "\n", urgent=record["level"].no >= _WARNING)
 
     return sink
+
+
+def write_in_background() -> None:
+    """In a gunicorn worker: JSON lines below warning are written by one thread (see
+    log_output.py); warnings and errors still at once."""
+    if _output is not None:
+        _output.start_background()
+
+
+def flush() -> None:
+    """Write every log line still queued (before an exit that skips atexit)."""
+    if _output is not None:
+        _output.flush()
 
 
 def _format_traceback(exc: Any) -> str:

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Any
 
+from gateway import logs
 from gateway.server.replies import error_reply
 
 # Streams still open this long before graceful_timeout are ended (at most a quarter of
@@ -61,6 +62,7 @@ def leave_now(log: Any, pid: int, abandoned: int) -> None:
         abandoned,
     )
     log.info("Worker exiting (pid: %s)", pid)
+    logs.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

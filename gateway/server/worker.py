@@ -47,6 +47,7 @@ from gunicorn import http, util
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from gateway import logs
 from gateway.config import Settings
 from gateway.server import shedding
 from gateway.server.draining import Drain, draining_reply, end_streams, leave_now
@@ -140,6 +141,7 @@ class GatewayThreadWorker(ThreadWorker):
     def run(self) -> None:
         # The app is loaded by now (preload_app): its settings are the gateway's settings.
         self.settings = self.wsgi.extensions["gateway.settings"]
+        logs.write_in_background()
         sys.setswitchinterval(self.settings.gil_switch_interval)
         self.count_shed = shedding.shed_counter(self.wsgi)
         self.lingering = Lingering(self.poller)
