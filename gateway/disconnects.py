@@ -91,12 +91,15 @@ class DisconnectWatcher:
         if client is None and deadline is None:
             return _nothing
         entry = _Watch(on_end, client, client.fileno() if client is not None else -1, deadline)
-        with self._lock:
-            epoll = self._epoll_for_this_process()
-            if client is not None:
-                epoll.register(entry.fd, _EVENTS)
-                self._by_fd[entry.fd] = entry
-            if deadline is not None:
+        epoll = self._epoll_for_this_process()
+        # No lock around the epoll calls: they release the GIL, and a lock held meanwhile
+        # had every other request thread queue behind it. The entry is known before its
+        # socket can fire, and forgotten (under the lock) before it is unregistered.
+        if client is not None:
+            self._by_fd[entry.fd] = entry
+            epoll.register(entry.fd, _EVENTS)
+        if deadline is not None:
+            with self._lock:
                 heapq.heappush(self._deadlines, (deadline, next(self._order), entry))
         return lambda: self._unwatch(epoll, entry)
 
@@ -105,11 +108,13 @@ class DisconnectWatcher:
             if entry.active and entry.deadline is not None:
                 self._forget_deadline()
             entry.active = False
-            if self._by_fd.get(entry.fd) is entry:
+            registered = self._by_fd.get(entry.fd) is entry
+            if registered:
                 del self._by_fd[entry.fd]
-                # OSError: the fd is already closed, and so already unregistered.
-                with contextlib.suppress(OSError):
-                    epoll.unregister(entry.fd)
+        if registered:
+            # OSError: the fd is already closed, and so already unregistered.
+            with contextlib.suppress(OSError):
+                epoll.unregister(entry.fd)
 
     def _forget_deadline(self) -> None:
         # Unwatched deadlines stay in the heap until they reach its top, 15 minutes later
@@ -134,19 +139,23 @@ class DisconnectWatcher:
     def _epoll_for_this_process(self) -> select.epoll:
         # Made lazily by the process that uses it: gunicorn forks workers after loading the
         # app, and neither an epoll set nor a thread survives a fork.
-        if self._epoll is None or self._pid != os.getpid():
-            if self._epoll is not None:
-                self._epoll.close()  # the copy inherited from the parent
-            self._epoll = select.epoll()
-            self._pid = os.getpid()
-            self._by_fd = {}
-            self._deadlines = []
-            self._stale = 0
-            thread = threading.Thread(
-                target=self._run, args=(self._epoll,), name="disconnect-watcher", daemon=True
-            )
-            thread.start()
-        return self._epoll
+        epoll = self._epoll
+        if epoll is not None and self._pid == os.getpid():
+            return epoll
+        with self._lock:
+            if self._epoll is None or self._pid != os.getpid():
+                if self._epoll is not None:
+                    self._epoll.close()  # the copy inherited from the parent
+                self._epoll = select.epoll()
+                self._pid = os.getpid()
+                self._by_fd = {}
+                self._deadlines = []
+                self._stale = 0
+                thread = threading.Thread(
+                    target=self._run, args=(self._epoll,), name="disconnect-watcher", daemon=True
+                )
+                thread.start()
+            return self._epoll
 
     def _run(self, epoll: select.epoll) -> None:
         while True:
