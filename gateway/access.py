@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import random
 import re
-import uuid
 from functools import partial
 
 from flask import Flask, Response, current_app, g, request
@@ -24,7 +24,7 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 def start_request() -> None:
     """before_request, registered first: every later step and log line has the request id."""
     offered = request.headers.get("X-Request-ID", "")
-    request_id = offered if _SANE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+    request_id = offered if offered and _SANE_REQUEST_ID.fullmatch(offered) else _new_id()
     request_id_var.set(request_id)
     rule = request.url_rule
     g.record = RequestRecord(
@@ -33,6 +33,12 @@ def start_request() -> None:
         path=request.path[:500],
         route=rule.rule if rule is not None else "unmatched",
     )
+
+
+def _new_id() -> str:
+    # 128 random bits as 32 hex digits, as uuid4().hex without its system call: a request
+    # id names a request in logs, it guards nothing.
+    return f"{random.getrandbits(128):032x}"
 
 
 def finish_response(response: Response) -> Response:
@@ -61,12 +67,12 @@ def _complete(record: RequestRecord, metrics: GatewayMetrics, streamed: bool) ->
         except Exception as exc:  # noqa: BLE001 - the request is over; log and count it anyway
             logger.opt(exception=exc).error("request completion hook failed")
     provider, model = record.provider or "none", metrics.model_label(record.model)
-    metrics.requests.labels(record.route, record.method, str(record.status), provider, model).inc()
-    metrics.latency.labels(record.route, provider, model).observe(duration)
+    metrics.requests_for(record.route, record.method, str(record.status), provider, model).inc()
+    metrics.latency_for(record.route, provider, model).observe(duration)
     if streamed:
         metrics.streams_in_flight.dec()
     if record.ttfb is not None:
-        metrics.stream_ttfb.labels(provider, model).observe(record.ttfb)
+        metrics.stream_ttfb_for(provider, model).observe(record.ttfb)
     if record.upstream_error:
         metrics.upstream_errors.labels(record.upstream_error, provider, model).inc()
     if record.key_id is not None:
@@ -79,13 +85,13 @@ def _count_for_key(
     record: RequestRecord, metrics: GatewayMetrics, provider: str, model: str
 ) -> None:
     key = record.key_name or record.key_id or ""
-    metrics.key_requests.labels(key, model, provider, str(record.status)).inc()
+    metrics.key_requests_for(key, model, provider, str(record.status)).inc()
     for kind in ("prompt_tokens", "completion_tokens"):
         if record.usage and kind in record.usage:
             tokens = record.usage[kind]
-            metrics.tokens.labels(kind.removesuffix("_tokens"), key, model, provider).inc(tokens)
+            metrics.tokens_for(kind.removesuffix("_tokens"), key, model, provider).inc(tokens)
     if record.cost:
-        metrics.cost.labels(key, record.team or "none", model, provider).inc(record.cost / NANOS)
+        metrics.cost_for(key, record.team or "none", model, provider).inc(record.cost / NANOS)
 
 
 def _log_access(record: RequestRecord, duration: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from flask import Blueprint, Response, current_app, request
 from prometheus_client import (
@@ -47,6 +48,7 @@ _LATENCY_BUCKETS = (
     300,
     600,
 )
+_Metric = TypeVar("_Metric", Counter, Histogram)
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -160,6 +162,14 @@ class GatewayMetrics:
             registry=r,
         )
         self._shed_by_reason: dict[str, Counter] = {}
+        # What every request counts, by its labels (see Children).
+        self.requests_for = Children(self.requests)
+        self.latency_for = Children(self.latency)
+        self.stream_ttfb_for = Children(self.stream_ttfb)
+        self.key_requests_for = Children(self.key_requests)
+        self.tokens_for = Children(self.tokens)
+        self.cost_for = Children(self.cost)
+        self._attempts_for = Children(self.attempts)
         # Read at scrape time (the quota gauges read the shared token counters).
         self._live: list[Collector] = []
 
@@ -174,7 +184,7 @@ class GatewayMetrics:
         return model if model in self.model_names else "other"
 
     def attempted(self, provider: str, model: str, outcome: str) -> None:
-        self.attempts.labels(provider, self.model_label(model), outcome).inc()
+        self._attempts_for(provider, self.model_label(model), outcome).inc()
 
     def fell_back(self, provider: str, model: str, reason: str) -> None:
         self.fallbacks.labels(provider, self.model_label(model), reason).inc()
@@ -209,6 +219,25 @@ class GatewayMetrics:
                 registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class Children(Generic[_Metric]):
+    """A labelled metric's children, each looked up once.
+
+    prometheus-client checks the label values and takes a lock on every `labels()` call;
+    a request makes eight of them. The children are the ones its registry keeps anyway,
+    so this holds no more series than the labels allow.
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._found: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *values: str) -> _Metric:
+        child = self._found.get(values)
+        if child is None:
+            child = self._found[values] = self._metric.labels(*values)
+        return child
 
 
 bp = Blueprint("metrics", __name__)
