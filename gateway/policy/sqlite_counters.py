@@ -29,12 +29,12 @@ CREATE TABLE IF NOT EXISTS holds (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS holds_by_deadline ON holds (deadline);
 """
-_ADD = """
-INSERT INTO counters (key, value, expires) VALUES (:key, :amount, :expires)
+_ADD_ALL = """
+INSERT INTO counters (key, value, expires) VALUES {rows}
 ON CONFLICT (key) DO UPDATE SET
-  value = CASE WHEN expires > :now THEN value + :amount ELSE :amount END,
-  expires = CASE WHEN expires > :now THEN expires ELSE :expires END
-RETURNING value
+  value = CASE WHEN expires > :now THEN value + excluded.value ELSE excluded.value END,
+  expires = CASE WHEN expires > :now THEN expires ELSE excluded.expires END
+RETURNING key, value
 """
 # A writer waits this long for another worker's transaction (each takes microseconds);
 # past it the step fails and the budget holds the limits in memory meanwhile.
@@ -46,6 +46,7 @@ _BUSY_TIMEOUT = 0.25
 # How long a step waits for this worker's own lock before taking the memory fallback.
 _LOCK_TIMEOUT = 1.0
 _SWEEP_EVERY = 1000
+_PURGE_SECONDS = 0.5
 # The expiry of a counter that has none (a budget_total).
 _NEVER = 1e18
 
@@ -59,6 +60,7 @@ class SqliteCounters:
         self._db: sqlite3.Connection | None = None
         self._pid = 0
         self._operations = 0
+        self._purged_at = -1.0
         # Fail at start-up on a path that cannot hold the file; closed again so that no
         # connection crosses gunicorn's fork (each worker opens its own).
         self._open().close()
@@ -66,11 +68,11 @@ class SqliteCounters:
     def reserve(self, hold: Hold, limits: list[int], now: float) -> list[int]:
         with self._transaction() as db:
             self._purge(db, now)
-            values = [self._get(db, k) for k in hold.keys]
+            values = self._values(db, hold.keys)
             full = first_full(values, hold.amounts, limits)
             if not full and hold.held:
                 pairs = list(zip(hold.keys, hold.amounts, strict=True))
-                values = [self._add(db, k, a) for k, a in pairs]
+                values = self._add_all(db, pairs)
                 # Each counter as "key=amount": rows written before money (one amount for
                 # every counter, in `cost`) are still read.
                 held = " ".join(f"{k}={a}" for k, a in pairs if a)
@@ -85,15 +87,13 @@ class SqliteCounters:
             self._purge(db, now)
             if hold is not None and hold.held and self._unhold(db, hold.id):
                 self._release(db, zip(hold.keys, hold.amounts, strict=True))
-            for key, amount in charges:
-                if amount:
-                    self._add(db, key, amount)
+            self._add_all(db, [(key, amount) for key, amount in charges if amount])
             self._sweep(db)
 
     def read(self, keys: list[str], now: float) -> list[int]:
         with self._transaction() as db:
             self._purge(db, now)
-            return [self._get(db, k) for k in keys]
+            return self._values(db, tuple(keys))
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -130,6 +130,11 @@ class SqliteCounters:
         return db
 
     def _purge(self, db: sqlite3.Connection, now: float) -> None:
+        # Twice a second at most: a hold outlives its deadline by half a second more, and
+        # the store is spared a query on every step.
+        if self._purged_at <= now < self._purged_at + _PURGE_SECONDS:
+            return
+        self._purged_at = now
         dead = db.execute(
             "SELECT id, cost, keys FROM holds WHERE deadline <= ? ORDER BY deadline LIMIT ?",
             (now, PURGE_BATCH),
@@ -144,20 +149,43 @@ class SqliteCounters:
         return db.execute("DELETE FROM holds WHERE id = ?", (hold_id,)).rowcount > 0
 
     def _release(self, db: sqlite3.Connection, held: Iterable[tuple[str, int]]) -> None:
-        for key, amount in held:
-            db.execute("UPDATE counters SET value = max(0, value - ?) WHERE key = ?", (amount, key))
+        db.executemany(
+            "UPDATE counters SET value = max(0, value - ?) WHERE key = ?",
+            [(amount, key) for key, amount in held if amount],
+        )
 
-    def _get(self, db: sqlite3.Connection, key: str) -> int:
-        row = db.execute(
-            "SELECT value FROM counters WHERE key = ? AND expires > ?", (key, time.time())
-        ).fetchone()
-        return int(row[0]) if row else 0
+    def _values(self, db: sqlite3.Connection, keys: tuple[str, ...]) -> list[int]:
+        """The counters' values (0 for none or expired), in one statement."""
+        marks = ", ".join("?" * len(keys))
+        found = dict(
+            db.execute(
+                f"SELECT key, value FROM counters WHERE key IN ({marks}) AND expires > ?",
+                (*keys, time.time()),
+            ).fetchall()
+        )
+        return [int(found.get(key, 0)) for key in keys]
 
-    def _add(self, db: sqlite3.Connection, key: str, amount: int) -> int:
+    def _add_all(self, db: sqlite3.Connection, pairs: list[tuple[str, int]]) -> list[int]:
+        """Add each amount to its counter (a new window starts from it), in one statement;
+        the counters' new values, in order. Each step of a statement is a wait for the
+        GIL with this worker's lock held: a request's three windows are one step, not three."""
+        if not pairs:
+            return []
+        if len({key for key, _ in pairs}) != len(pairs):  # never so far; kept exact anyway
+            return [value for pair in pairs for value in self._add_all(db, [pair])]
         now = time.time()
-        expires = now + ttl_of(key) if ttl_of(key) else _NEVER
-        params = {"key": key, "amount": amount, "now": now, "expires": expires}
-        return int(db.execute(_ADD, params).fetchone()[0])
+        params: dict[str, object] = {"now": now}
+        rows = []
+        for index, (key, amount) in enumerate(pairs):
+            ttl = ttl_of(key)
+            params |= {
+                f"k{index}": key,
+                f"a{index}": amount,
+                f"e{index}": now + ttl if ttl else _NEVER,
+            }
+            rows.append(f"(:k{index}, :a{index}, :e{index})")
+        found = dict(db.execute(_ADD_ALL.format(rows=", ".join(rows)), params).fetchall())
+        return [int(found[key]) for key, _ in pairs]
 
     def _sweep(self, db: sqlite3.Connection) -> None:
         self._operations += 1

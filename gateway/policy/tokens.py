@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Protocol
 
 from loguru import logger
@@ -66,7 +67,13 @@ class Window:
 
 
 def windows_at(now: float) -> tuple[Window, Window, Window]:
-    minute = int(now // 60)
+    return _windows_of_minute(int(now // 60))
+
+
+@lru_cache(maxsize=4)
+def _windows_of_minute(minute: int) -> tuple[Window, Window, Window]:
+    # Every request asks, and the answer changes once a minute.
+    now = minute * 60.0
     start = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     next_month = (start.replace(day=1) + timedelta(days=32)).replace(day=1)
     return (
@@ -79,7 +86,10 @@ def windows_at(now: float) -> tuple[Window, Window, Window]:
 def budget_windows_at(now: float) -> tuple[Window, Window, Window]:
     """The money windows: this UTC day, this UTC month, and all time."""
     _, day, month = windows_at(now)
-    return day, month, Window("total", "total:all", math.inf)
+    return day, month, _ALL_TIME
+
+
+_ALL_TIME = Window("total", "total:all", math.inf)
 
 
 def _scope(caller: Caller) -> str:
@@ -179,9 +189,13 @@ class TokenBudget:
         storage_uri: str,
         store_file: str | None = None,
         hold_seconds: float = DEFAULT_HOLD_SECONDS,
+        report_every_key: bool = True,
     ) -> None:
         """`store_file`: the SQLite file of memory:// (None: this process's memory);
-        `hold_seconds`: how long a reservation may stay unsettled."""
+        `hold_seconds`: how long a reservation may stay unsettled; `report_every_key`:
+        count the tokens of keys without any limit too (for /v1/usage), else only of those
+        with one (a storage step per request saved, a Redis round trip)."""
+        self._report_every_key = report_every_key
         self._memory = MemoryCounters()
         self._primary: _Counters = self._memory
         if storage_uri.startswith("redis"):
@@ -245,6 +259,8 @@ class TokenBudget:
     ) -> None:
         """Release `reservation` and charge `cost` tokens (and `money` nano-units) to the
         windows of the key and its team current now."""
+        if reservation.hold is None and not money and not self._report_every_key:
+            return  # nothing held, no limit to count against, nobody to report to
         now = time.time() if now is None else now
         charges = _charges(reservation.caller, max(0, cost), max(0, money), now)
         hold = reservation.hold if reservation.hold is not None and reservation.hold.held else None
