@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway import create_app
 from gateway.logs import configure_logging
-from gateway.server import reloading
+from gateway.server import pinning, reloading
 
 _settings = reloading.settings_for_gunicorn()
 configure_logging(_settings)
@@ -86,6 +86,12 @@ def on_starting(server: Any) -> None:
     reloading.check_reloads(server, _settings, create_app)
 
 
+def pre_fork(server: Any, worker: Any) -> None:
+    """GUNICORN_PIN_WORKERS: the core the new worker will run on (gateway/server/pinning.py)."""
+    if _settings.gunicorn_pin_workers:
+        pinning.choose_core(worker, server.WORKERS.values())
+
+
 def post_fork(server: Any, worker: Any) -> None:
     """A booting worker dies at once on SIGTERM, SIGINT or SIGQUIT: it has nothing to drain.
 
@@ -96,6 +102,8 @@ def post_fork(server: Any, worker: Any) -> None:
     drain, see gateway/server/reloading.py)."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
+    if _settings.gunicorn_pin_workers:
+        pinning.pin(worker)
 
 
 def post_worker_init(worker: Any) -> None:

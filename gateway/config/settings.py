@@ -61,6 +61,7 @@ ENVIRONMENT_VARIABLES = (
     "MAX_RESPONSE_BODY_BYTES",
     "GUNICORN_WORKERS",
     "GUNICORN_THREADS",
+    "GUNICORN_PIN_WORKERS",
     "WEB_CONCURRENCY",
     "ENV_FILE",
     "HTTPS_PROXY",
@@ -135,6 +136,8 @@ class Settings:
     # Threads per worker = streams it serves at once (a stream holds its thread). 2,048: a
     # fresh start holds 2,000 open streams; idle threads cost ~19 KB each (see README).
     gunicorn_threads: int = 2048
+    # Each worker on a core of its own (gateway/server/pinning.py): off by default.
+    gunicorn_pin_workers: bool = False
     # Proxies for the upstream URL, resolved once from HTTPS_PROXY/NO_PROXY at start-up.
     # repr=False: a proxy URL may carry a password.
     upstream_proxies: Mapping[str, str] = field(
@@ -413,6 +416,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_response_body_bytes=reader.integer("MAX_RESPONSE_BODY_BYTES", 256 * 1024 * 1024),
         gunicorn_workers=workers,
         gunicorn_threads=reader.integer("GUNICORN_THREADS", 2048),
+        gunicorn_pin_workers=reader.boolean("GUNICORN_PIN_WORKERS", False),
         upstream_proxies=MappingProxyType(_proxies_for(target_api_url, env)),
         upstream_ca_bundle=env.get("REQUESTS_CA_BUNDLE") or env.get("SSL_CERT_FILE") or None,
         prometheus_multiproc_dir=_multiproc_dir(env, environ),
