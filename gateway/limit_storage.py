@@ -76,7 +76,11 @@ class GatewayMemoryStorage(MemoryStorage):
             with self.locks[key]:
                 events = self.events.get(key)
                 if events:
-                    del events[: bisect.bisect_right(events, now, key=_expiry)]
+                    # A new list, not the old one cut: get_moving_window reads without the
+                    # lock, and its index must stay valid in the list it searched.
+                    events = self.events[key] = events[
+                        bisect.bisect_right(events, now, key=_expiry) :
+                    ]
                 if not events:
                     self.events.pop(key, None)
                     self.locks.pop(key, None)

@@ -12,59 +12,59 @@ hurried exit, so an orderly stop loses no line.
 from __future__ import annotations
 
 import atexit
-import queue
+import contextlib
 import threading
+from collections import deque
 from typing import TextIO
 
 
 class LineOutput:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._lock = threading.Lock()  # one writer at a time, whole lines only
-        self._queue: queue.SimpleQueue[str] | None = None
+        # Lines leave the queue only with this lock held, so that a flush or an urgent line
+        # finds every line queued before it either written or still queued.
+        self._lock = threading.Lock()
+        self._lines: deque[str] | None = None
+        self._pending = threading.Event()
 
     def start_background(self) -> None:
         """From now on info lines are written by a thread of this process (call after fork)."""
-        if self._queue is not None:
+        if self._lines is not None:
             return
         self._lock = threading.Lock()  # a lock held by another thread at fork stays held
-        self._queue = queue.SimpleQueue()
-        writer = threading.Thread(target=self._run, args=(self._queue,), name="log-writer")
+        self._pending = threading.Event()
+        self._lines = deque()
+        writer = threading.Thread(target=self._run, args=(self._lines,), name="log-writer")
         writer.daemon = True
         writer.start()
         atexit.register(self.flush)
 
     def write(self, line: str, *, urgent: bool = False) -> None:
         """Write one line (ending in a newline); `urgent` lines are written before returning."""
-        lines = self._queue
+        lines = self._lines
         if lines is None:
             with self._lock:
                 self._stream.write(line)
                 self._stream.flush()
             return
-        lines.put(line)
+        lines.append(line)
         if urgent:
             self.flush()
+        elif not self._pending.is_set():
+            self._pending.set()
 
     def flush(self) -> None:
         """Write every queued line now, in this thread."""
-        if self._queue is not None:
+        if self._lines is not None:
             with self._lock:
-                self._write(self._drain(self._queue, []))
+                self._write(_drain(self._lines))
 
-    def _run(self, lines: queue.SimpleQueue[str]) -> None:
+    def _run(self, lines: deque[str]) -> None:
         while True:
-            first = lines.get()
+            self._pending.wait()
             with self._lock:
-                self._write(self._drain(lines, [first]))
-
-    @staticmethod
-    def _drain(lines: queue.SimpleQueue[str], batch: list[str]) -> list[str]:
-        while True:
-            try:
-                batch.append(lines.get_nowait())
-            except queue.Empty:
-                return batch
+                self._pending.clear()
+                self._write(_drain(lines))
 
     def _write(self, batch: list[str]) -> None:
         if batch:
@@ -73,3 +73,11 @@ class LineOutput:
                 self._stream.flush()
             except (OSError, ValueError):  # stdout closed or gone: nothing left to tell
                 pass
+
+
+def _drain(lines: deque[str]) -> list[str]:
+    batch = []
+    with contextlib.suppress(IndexError):
+        while True:
+            batch.append(lines.popleft())
+    return batch

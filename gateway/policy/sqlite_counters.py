@@ -130,15 +130,16 @@ class SqliteCounters:
         return db
 
     def _purge(self, db: sqlite3.Connection, now: float) -> None:
-        # Twice a second at most: a hold outlives its deadline by half a second more, and
-        # the store is spared a query on every step.
+        # Twice a second at most, while the last purge found less than a batch: a hold
+        # outlives its deadline by half a second more, and the store is spared a query on
+        # every step; a killed worker's many holds are still purged a batch per step.
         if self._purged_at <= now < self._purged_at + _PURGE_SECONDS:
             return
-        self._purged_at = now
         dead = db.execute(
             "SELECT id, cost, keys FROM holds WHERE deadline <= ? ORDER BY deadline LIMIT ?",
             (now, PURGE_BATCH),
         ).fetchall()
+        self._purged_at = now if len(dead) < PURGE_BATCH else -1.0
         for hold_id, amount, keys in dead:
             self._unhold(db, hold_id)
             held = (k.split("=") if "=" in k else (k, amount) for k in keys.split())
