@@ -64,20 +64,19 @@ class GatewayLimiter(Limiter):
             return super()._check_request_limit(callable_name, in_middleware)
         item = _per_minute(caller.rpm)
         args = [self._key_prefix, caller.key_id, "global"]
-        window = None
+        request_limit = RequestLimit(self, item, args, False, True)  # its .key: the storage's
         try:
             if self._one_step:  # the hit and the window the headers show, in one call
-                allowed, window = self._one_step(item.key_for(*args), item.amount, 60)
+                allowed, request_limit._window = self._one_step(request_limit.key, item.amount, 60)
             else:
                 allowed = self.limiter.hit(item, *args)
         except Exception:  # noqa: BLE001 - flask-limiter's path falls back to memory
             allowed = False
         if not allowed:  # refused (not counted again) or the storage failed: its own path
             return super()._check_request_limit(callable_name, in_middleware)
-        request_limit = RequestLimit(self, item, args, False, True)
-        request_limit._window = window
-        self.context.view_rate_limit = request_limit
-        self.context.view_rate_limits = [request_limit]
+        context = self.context  # looked up through flask.g each time
+        context.view_rate_limit = request_limit
+        context.view_rate_limits = [request_limit]
         return None
 
 
