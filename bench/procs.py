@@ -58,13 +58,6 @@ def pinned(command: Sequence[str], core: int | None) -> list[str]:
     return ["taskset", "-c", str(core), *command] if core is not None else list(command)
 
 
-def pin_threads(pid: int, core: int) -> None:
-    """Every thread of `pid` onto `core`; the threads it starts later inherit it."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {core})
-
-
 def _children_by_parent() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):

@@ -46,7 +46,6 @@ from bench.procs import (
     Started,
     busy_seconds,
     cpu_seconds,
-    pin_threads,
     process_tree,
     raise_open_files_limit,
     start_gateway,
@@ -394,22 +393,11 @@ class Bench:
             core = self.cores.gateway if setup.pinned else None
             started = start_gateway(env, core, log_path, command)
             try:
-                if setup.pin_workers and self.cores.gateway is not None:
-                    self.pin_workers(started.pid)
                 check_answers(port, key, chat_body(model))
                 yield Target(port, key, started.pid, model, ready.side_pids)
             finally:
                 started.stop()
                 _report_log_problems(started)
-
-    def pin_workers(self, server_pid: int) -> None:
-        """Worker i onto the gateway core or the load core, alternately."""
-        workers = sorted(pid for pid in process_tree(server_pid) if pid != server_pid)
-        cores = [self.cores.gateway, self.cores.load]
-        for index, pid in enumerate(workers):
-            core = cores[index % len(cores)]
-            assert core is not None
-            pin_threads(pid, core)
 
     def measure(self, scenario: Scenario, target: Target) -> Measurement:
         with PeakRss(target.server_pid) as rss:

@@ -36,8 +36,8 @@ class Setup:
     config: bool = False  # the teams' GATEWAY_CONFIG file
     redis: bool = False  # limits and token windows in a redis-server, else memory://
     workers: int = 1  # more than one: PROMETHEUS_MULTIPROC_DIR set, the gateway not pinned
-    # Several workers, each pinned by the bench to a core of its own once started (what an
-    # affinity call in gunicorn's post_fork would do): their threads stop migrating.
+    # Several workers, each on a core of its own (GUNICORN_PIN_WORKERS=true, the gateway's
+    # own setting): their threads stop migrating between cores.
     pin_workers: bool = False
 
     @property
@@ -138,6 +138,7 @@ def prepared(
             metrics_dir.mkdir()
             found.env |= {
                 "GUNICORN_WORKERS": str(setup.workers),
+                "GUNICORN_PIN_WORKERS": "true" if setup.pin_workers else "false",
                 "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             }
         yield found

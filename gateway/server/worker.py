@@ -66,8 +66,12 @@ from gateway.server.scrapes import ScrapeThread, scrape_busy_reply
 from gateway.server.sending import Sending
 from gateway.server.threads import thread_pool
 
-# Connections accepted per poll at most, so that heads already read are not starved.
+# Connections accepted per poll at most, so that heads already read are not starved. With
+# several workers on one listening socket, one at a time: every worker wakes for a new
+# connection, and the first to run would take a whole burst of keep-alive connections (all
+# 64 of a load generator's, measured), leaving the other workers idle for their lifetime.
 _ACCEPT_BATCH = 64
+_ACCEPT_BATCH_SHARED = 1
 # One recv() of a head: most heads arrive whole; bytes past the head are handed on.
 _RECV_BYTES = 65536
 
@@ -167,7 +171,8 @@ class GatewayThreadWorker(ThreadWorker):
     def accept(self, listener: socket.socket) -> None:
         # Drain the backlog, not one connection per poll: under load every trip through
         # the poller costs the main loop a wait for the GIL.
-        for _ in range(_ACCEPT_BATCH):
+        batch = _ACCEPT_BATCH if self.cfg.workers == 1 else _ACCEPT_BATCH_SHARED
+        for _ in range(batch):
             if self.nr_conns >= self.worker_connections or not self._accept_one(listener):
                 return
 

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from concurrent import futures
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -26,6 +27,7 @@ from gateway.server.shedding import (
     SLOW_CLIENT,
     shed_counter,
 )
+from gateway.server.worker import GatewayThreadWorker
 
 
 @pytest.mark.parametrize(
@@ -228,3 +230,33 @@ def test_a_scrape_beyond_the_bound_is_refused_counted_and_closed() -> None:
         assert theirs.recv(65536).startswith(b"HTTP/1.1 503")
     assert worker.shed == [SCRAPE_BUSY]
     assert worker.finished == [False]
+
+
+class _Accepting:
+    """Just what GatewayThreadWorker.accept reads: how many connections one wake-up takes."""
+
+    def __init__(self, workers: int, backlog: int) -> None:
+        self.cfg = SimpleNamespace(workers=workers)
+        self.nr_conns = 0
+        self.worker_connections = 1000
+        self.backlog = backlog
+
+    def _accept_one(self, _listener: object) -> bool:
+        if not self.backlog:
+            return False
+        self.backlog -= 1
+        self.nr_conns += 1
+        return True
+
+
+@pytest.mark.parametrize(("workers", "taken"), [(1, 64), (2, 1), (4, 1)])
+def test_one_worker_drains_a_burst_and_shared_workers_take_one_connection_a_wake_up(
+    workers: int, taken: int
+) -> None:
+    # With several workers on one socket, every worker wakes for the burst: the first to
+    # run must not take all of a load balancer's keep-alive connections for itself.
+    worker = _Accepting(workers, backlog=100)
+
+    GatewayThreadWorker.accept(worker, None)  # type: ignore[arg-type]
+
+    assert worker.nr_conns == taken
