@@ -10,13 +10,17 @@ lose the last transactions, never the file; a killed process loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
+from typing import Any, cast
 
 from gateway.policy.counters import PURGE_BATCH, Hold, first_full, ttl_of
 
@@ -51,71 +55,153 @@ _PURGE_SECONDS = 0.5
 _NEVER = 1e18
 
 
+class _Job:
+    """One step for the store's thread; its caller waits on `done` (released when over)."""
+
+    __slots__ = ("abandoned", "done", "error", "result", "step")
+
+    def __init__(self, step: Callable[[sqlite3.Connection], Any]) -> None:
+        self.step = step
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+
 class SqliteCounters:
-    """The counters in a SQLite file (WAL), shared by every worker of the host."""
+    """The counters in a SQLite file (WAL), shared by every worker of the host.
+
+    One thread per process runs the steps, as many as are waiting in one transaction (a
+    group commit). Each request thread taking the file itself held a lock through every
+    statement, and each statement releases the GIL: under load the other threads queued on
+    that lock and were woken one by one, and each step paid its own BEGIN and COMMIT
+    (teams-json-c64 cost 1.7x the plain gateway). The steps of a batch still run one after
+    the other inside the file's write lock, so each check-and-reserve stays atomic across
+    the workers.
+    """
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._pid = 0
         self._operations = 0
         self._purged_at = -1.0
+        self._jobs: deque[_Job] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # starts the thread once per process
         # Fail at start-up on a path that cannot hold the file; closed again so that no
         # connection crosses gunicorn's fork (each worker opens its own).
         self._open().close()
 
     def reserve(self, hold: Hold, limits: list[int], now: float) -> list[int]:
-        with self._transaction() as db:
-            self._purge(db, now)
-            values = self._values(db, hold.keys)
-            full = first_full(values, hold.amounts, limits)
-            if not full and hold.held:
-                pairs = list(zip(hold.keys, hold.amounts, strict=True))
-                values = self._add_all(db, pairs)
-                # Each counter as "key=amount": rows written before money (one amount for
-                # every counter, in `cost`) are still read.
-                held = " ".join(f"{k}={a}" for k, a in pairs if a)
-                db.execute(
-                    "INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)",
-                    (hold.id, hold.deadline, 0, held),
-                )
-            return [full, *values]
+        return cast(list[int], self._run(partial(self._reserve, hold, limits, now)))
 
     def settle(self, hold: Hold | None, charges: list[tuple[str, int]], now: float) -> None:
-        with self._transaction() as db:
-            self._purge(db, now)
-            if hold is not None and hold.held and self._unhold(db, hold.id):
-                self._release(db, zip(hold.keys, hold.amounts, strict=True))
-            self._add_all(db, [(key, amount) for key, amount in charges if amount])
-            self._sweep(db)
+        self._run(partial(self._settle, hold, charges, now))
 
     def read(self, keys: list[str], now: float) -> list[int]:
-        with self._transaction() as db:
-            self._purge(db, now)
-            return self._values(db, tuple(keys))
+        return cast(list[int], self._run(partial(self._read, keys, now)))
+
+    def _reserve(
+        self, hold: Hold, limits: list[int], now: float, db: sqlite3.Connection
+    ) -> list[int]:
+        self._purge(db, now)
+        values = self._values(db, hold.keys)
+        full = first_full(values, hold.amounts, limits)
+        if not full and hold.held:
+            pairs = list(zip(hold.keys, hold.amounts, strict=True))
+            values = self._add_all(db, pairs)
+            # Each counter as "key=amount": rows written before money (one amount for
+            # every counter, in `cost`) are still read.
+            held = " ".join(f"{k}={a}" for k, a in pairs if a)
+            db.execute(
+                "INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)",
+                (hold.id, hold.deadline, 0, held),
+            )
+        return [full, *values]
+
+    def _settle(
+        self, hold: Hold | None, charges: list[tuple[str, int]], now: float, db: sqlite3.Connection
+    ) -> None:
+        self._purge(db, now)
+        if hold is not None and hold.held and self._unhold(db, hold.id):
+            self._release(db, zip(hold.keys, hold.amounts, strict=True))
+        self._add_all(db, [(key, amount) for key, amount in charges if amount])
+        self._sweep(db)
+
+    def _read(self, keys: list[str], now: float, db: sqlite3.Connection) -> list[int]:
+        self._purge(db, now)
+        return self._values(db, tuple(keys))
+
+    def _run(self, step: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Hand `step` to the store's thread and wait for it (at most _LOCK_TIMEOUT)."""
+        self._start_thread()
+        job = _Job(step)
+        self._jobs.append(job)
+        self._wake.set()
+        if not job.done.acquire(timeout=_LOCK_TIMEOUT):
+            # Past it the budget holds the counts in memory (as for a Redis outage); a step
+            # that still runs later holds its reservation until the hold's deadline.
+            job.abandoned = True
+            raise sqlite3.OperationalError("the token store is busy in this worker")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _start_thread(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():  # a forked worker: its own connection and thread
+                self._db = self._open()  # the parent's, if any, is never used here
+                self._jobs, self._wake = deque(), threading.Event()
+                thread = threading.Thread(
+                    target=self._serve, args=(self._jobs, self._wake), name="token-store"
+                )
+                thread.daemon = True
+                thread.start()
+                self._pid = os.getpid()
+
+    def _serve(self, jobs: deque[_Job], wake: threading.Event) -> None:
+        while True:
+            wake.wait()
+            wake.clear()
+            batch = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    batch.append(jobs.popleft())
+            if batch := [job for job in batch if not job.abandoned]:
+                self._batch(batch)
+
+    def _batch(self, batch: list[_Job]) -> None:
+        """Every step of `batch` in one transaction; each job learns its result once it is
+        committed (or the error that ended the transaction)."""
+        try:
+            with self._transaction() as db:
+                for job in batch:
+                    job.result = job.step(db)
+        except BaseException as exc:  # noqa: BLE001 - every caller learns it; the thread goes on
+            for job in batch:
+                job.result, job.error = None, exc
+        for job in batch:
+            job.done.release()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        if not self._lock.acquire(timeout=_LOCK_TIMEOUT):
-            raise sqlite3.OperationalError("the token store is busy in this worker")
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT too: a transaction left open would fail every later BEGIN.
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        finally:
-            self._lock.release()
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT too: a transaction left open would fail every later BEGIN.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _connection(self) -> sqlite3.Connection:
-        if self._db is None or self._pid != os.getpid():  # a forked worker: its own
-            self._db, self._pid = self._open(), os.getpid()
+        assert self._db is not None, "opened by _start_thread, in this process"
         return self._db
 
     def _open(self) -> sqlite3.Connection:
