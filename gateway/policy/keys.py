@@ -12,6 +12,7 @@ import hmac
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from gateway.config import KeyDefaults, KeyPolicy, Team
 from gateway.policy.prices import to_nanos
@@ -73,7 +74,7 @@ class Caller:
             "total": self.budget_total,
         }[window]
 
-    @property
+    @cached_property  # asked on every request; a Caller never changes
     def budgeted(self) -> bool:
         """Whether this key, or its team, has a budget: every answer must have a price."""
         own = any(self.budget(w) for w in BUDGET_WINDOWS)

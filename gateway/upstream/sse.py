@@ -41,7 +41,13 @@ _TEXT = re.compile(rb'"(?:content|reasoning_content|arguments|text)"\s*:\s*"((?:
 
 def text_bytes(chunk: bytes) -> int:
     """How many bytes of answer text `chunk` carries (JSON-escaped, as sent)."""
-    return sum(len(text) for text in _TEXT.findall(chunk))
+    return sum(map(len, _TEXT.findall(chunk)))
+
+
+def _one_event(piece: bytes) -> bool:
+    """Whether `piece` is exactly one event ending in a blank line (LF only, as most send)."""
+    end = len(piece) - 2
+    return end > 0 and piece.find(b"\n\n") == end and b"\r" not in piece
 
 
 class UsageChunks:
@@ -64,6 +70,8 @@ class UsageChunks:
         return relayed if self._remove else piece
 
     def _events(self, piece: bytes) -> bytes:
+        if not self._pending and not self._passing and _one_event(piece):
+            return self._event(piece)  # the usual piece: one whole event, nothing held
         relayed: list[bytes] = []
         if self._passing:
             head, piece = self._pass(piece)
