@@ -58,6 +58,29 @@ def pinned(command: Sequence[str], core: int | None) -> list[str]:
     return ["taskset", "-c", str(core), *command] if core is not None else list(command)
 
 
+def wait_for_workers(server_pid: int, workers: int, threads: int, timeout: float = 60) -> None:
+    """Until `workers` workers each run their `threads` request threads (they start them at
+    boot, before accepting): a load started earlier lands on the first worker alone, its
+    keep-alive connections staying there for the run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [pid for pid in process_tree(server_pid) if pid != server_pid]
+        if len(found) >= workers and all(_threads(pid) >= threads for pid in found):
+            time.sleep(0.5)  # from threads started to accepting
+            return
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"{workers} workers with {threads} threads each did not start in {timeout} s"
+    )
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
 def _children_by_parent() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):

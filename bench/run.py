@@ -50,6 +50,7 @@ from bench.procs import (
     raise_open_files_limit,
     start_gateway,
     start_upstream,
+    wait_for_workers,
 )
 from bench.report import (
     LEGEND,
@@ -393,6 +394,8 @@ class Bench:
             core = self.cores.gateway if setup.pinned else None
             started = start_gateway(env, core, log_path, command)
             try:
+                if setup.workers > 1:  # load on the first ready worker only would measure one
+                    wait_for_workers(started.pid, setup.workers, gunicorn_values(env).threads)
                 check_answers(port, key, chat_body(model))
                 yield Target(port, key, started.pid, model, ready.side_pids)
             finally:
