@@ -6,7 +6,10 @@ log line then sleep on that lock and are woken one by one (a lock convoy: a cont
 or two per request). A gunicorn worker therefore hands each info line to a queue, and one
 thread writes whatever has gathered in one write. Warnings and errors still go out at
 once, after what was queued before them; `flush()` runs at exit and on the drain's
-hurried exit, so an orderly stop loses no line.
+hurried exit, so an orderly stop loses no line. The queue is bounded: when stdout does not
+keep up (a blocked pipe, a slow log shipper) and `MAX_QUEUED` lines wait, the thread that
+adds one writes the queue itself, so requests slow down with their log instead of the
+worker's memory growing without end.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import threading
 from collections import deque
 from typing import TextIO
 
+MAX_QUEUED = 50_000  # lines; about 25 MB of access lines
+
 
 class LineOutput:
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, max_queued: int = MAX_QUEUED) -> None:
         self._stream = stream
+        self._max_queued = max_queued
         # Lines leave the queue only with this lock held, so that a flush or an urgent line
         # finds every line queued before it either written or still queued.
         self._lock = threading.Lock()
@@ -48,7 +54,7 @@ class LineOutput:
                 self._stream.flush()
             return
         lines.append(line)
-        if urgent:
+        if urgent or len(lines) > self._max_queued:
             self.flush()
         elif not self._pending.is_set():
             self._pending.set()

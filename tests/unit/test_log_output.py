@@ -228,6 +228,47 @@ def test_a_closed_stream_is_no_error_for_the_writer_thread() -> None:
     output.write("urgent after\n", urgent=True)
 
 
+class BlockedStream(io.StringIO):
+    """A stdout that does not take lines until `release` is set (a full pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.writing = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        assert self.release.wait(WAIT), "the test never released the stream"
+        return super().write(text)
+
+
+def test_when_stdout_blocks_the_queue_stops_growing_and_writers_wait() -> None:
+    stream = BlockedStream()
+    output = LineOutput(stream, max_queued=100)
+    output.start_background()
+    output.write("first\n")
+    assert stream.writing.wait(WAIT)  # the writer thread is stuck in write()
+    done = threading.Event()
+
+    def many() -> None:
+        for n in range(300):
+            output.write(f"line {n}\n")
+        done.set()
+
+    writer = threading.Thread(target=many)
+    writer.start()
+    # The thread that adds line 101 flushes the queue itself and so waits for the stream.
+    _wait_for(lambda: output._lines is not None and len(output._lines) > 100)
+    assert not done.wait(0.2)
+    assert output._lines is not None and len(output._lines) == 101
+
+    stream.release.set()
+    writer.join(WAIT)
+    assert done.is_set()
+    output.flush()
+    assert stream.getvalue().splitlines() == ["first"] + [f"line {n}" for n in range(300)]
+
+
 # --- through gateway.logs: loguru's JSON sink ----------------------------------------------
 
 
