@@ -15,7 +15,15 @@ ended then (with `DEADLINE`) if it is still going.
 
 A client that closed after sending more than its request (one pipelined byte is enough)
 has unread bytes before its end-of-file: readable is then not alive. The peer's FIN is
-seen as POLLRDHUP whatever is still unread, and that is what decides.
+seen as POLLRDHUP whatever is still unread, and that is what decides; the watcher asks
+for nothing else, so bytes a client sends never wake it.
+
+A client socket stays registered from its first watched request until it closes (the
+kernel drops a closed socket from the epoll set itself): the next request on a keep-alive
+connection is watched with no system call at all, where registering and unregistering
+each time cost three (the check below, add, delete), each a hand-off of the GIL under
+load. A client that leaves between two requests is seen by the watcher thread, which
+forgets the socket, so the next watch on it checks at once as for a new connection.
 
 `end_all()` ends every exchange still watched, as at its deadline: a worker whose drain
 is over ends its streams that way (each with its dialect's error event) and exits on time.
@@ -35,6 +43,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,9 +56,9 @@ CLIENT_GONE = "client_gone"
 DEADLINE = "deadline"
 # The worker is draining and its time is up: neither the client's doing nor the provider's.
 SHUTDOWN = "shutdown"
-_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
-# A client that sent more than its request: its bytes stay unread, so only its end matters.
-_HANGUP_EVENTS = select.EPOLLRDHUP | select.EPOLLONESHOT
+# The client's end (FIN: RDHUP; a reset: HUP and ERR, always reported), not its bytes: a
+# pipelined request stays unread, and only its end matters.
+_EVENTS = select.EPOLLRDHUP | select.EPOLLONESHOT
 # The longest the thread sleeps: a deadline added while it sleeps is kept at most this late.
 _TICK_SECONDS = 0.5
 
@@ -69,6 +78,10 @@ class DisconnectWatcher:
         self._pid: int | None = None
         self._epoll: select.epoll | None = None
         self._by_fd: dict[int, _Watch] = {}
+        # The sockets registered in the epoll set (armed), by fd; an fd closed and reused
+        # by a new connection names another socket, so the entry is matched by identity.
+        # At most one entry per fd number the process has used.
+        self._registered: dict[int, weakref.ref[socket.socket]] = {}
         self._deadlines: list[tuple[float, int, _Watch]] = []
         self._stale = 0  # unwatched entries still in the heap
         self._order = itertools.count()
@@ -85,36 +98,49 @@ class DisconnectWatcher:
         """
         if isinstance(client, ssl.SSLSocket):  # peeking needs the plain socket
             client = None
-        if client is not None and _peer_state(client) == "closed":
-            on_end(CLIENT_GONE)  # a request that queued while its client gave up
-            return _nothing
         if client is None and deadline is None:
             return _nothing
         entry = _Watch(on_end, client, client.fileno() if client is not None else -1, deadline)
         epoll = self._epoll_for_this_process()
-        # No lock around the epoll calls: they release the GIL, and a lock held meanwhile
-        # had every other request thread queue behind it. The entry is known before its
-        # socket can fire, and forgotten (under the lock) before it is unregistered.
-        if client is not None:
-            self._by_fd[entry.fd] = entry
-            epoll.register(entry.fd, _EVENTS)
+        if client is not None and not self._watch_registered(entry):
+            if _peer_state(client) == "closed":
+                on_end(CLIENT_GONE)  # a request that queued while its client gave up
+                return _nothing
+            self._register(epoll, entry, client)
         if deadline is not None:
             with self._lock:
                 heapq.heappush(self._deadlines, (deadline, next(self._order), entry))
-        return lambda: self._unwatch(epoll, entry)
+        return lambda: self._unwatch(entry)
 
-    def _unwatch(self, epoll: select.epoll, entry: _Watch) -> None:
+    def _watch_registered(self, entry: _Watch) -> bool:
+        # The connection's socket is still registered (and so still there, as far as the
+        # watcher has seen): the entry is all a new request on it needs.
+        with self._lock:
+            registered = self._registered.get(entry.fd)
+            if registered is None or registered() is not entry.client:
+                return False
+            self._by_fd[entry.fd] = entry
+            return True
+
+    def _register(self, epoll: select.epoll, entry: _Watch, client: socket.socket) -> None:
+        # No lock around the epoll call: it releases the GIL, and a lock held meanwhile had
+        # every other request thread queue behind it. The entry is known before its socket
+        # can fire.
+        self._by_fd[entry.fd] = entry
+        self._registered[entry.fd] = weakref.ref(client)
+        try:
+            epoll.register(entry.fd, _EVENTS)
+        except FileExistsError:  # the fd's earlier socket object, same connection
+            epoll.modify(entry.fd, _EVENTS)
+
+    def _unwatch(self, entry: _Watch) -> None:
+        # The socket stays registered for the connection's next request.
         with self._lock:
             if entry.active and entry.deadline is not None:
                 self._forget_deadline()
             entry.active = False
-            registered = self._by_fd.get(entry.fd) is entry
-            if registered:
+            if self._by_fd.get(entry.fd) is entry:
                 del self._by_fd[entry.fd]
-        if registered:
-            # OSError: the fd is already closed, and so already unregistered.
-            with contextlib.suppress(OSError):
-                epoll.unregister(entry.fd)
 
     def _forget_deadline(self) -> None:
         # Unwatched deadlines stay in the heap until they reach its top, 15 minutes later
@@ -133,6 +159,7 @@ class DisconnectWatcher:
                 self._epoll.close()
             self._epoll = None
             self._by_fd = {}
+            self._registered = {}
             self._deadlines = []
             self._stale = 0
 
@@ -149,6 +176,7 @@ class DisconnectWatcher:
                 self._epoll = select.epoll()
                 self._pid = os.getpid()
                 self._by_fd = {}
+                self._registered = {}
                 self._deadlines = []
                 self._stale = 0
                 thread = threading.Thread(
@@ -185,21 +213,20 @@ class DisconnectWatcher:
 
     def _check(self, epoll: select.epoll, fd: int) -> None:
         with self._lock:
-            entry = self._by_fd.get(fd)
-            if entry is None or entry.client is None or not entry.active:
+            registered = self._registered.get(fd)
+            client = registered() if registered is not None else None
+            if client is not None and _peer_state(client) != "closed":
+                epoll.modify(fd, _EVENTS)  # a false alarm: watch again
                 return
-            state = _peer_state(entry.client)
-            if state == "closed":
+            # Gone, during a request or between two: forgotten, so that a next watch of
+            # this socket checks it at once.
+            self._registered.pop(fd, None)
+            with contextlib.suppress(OSError):  # OSError: closed, so unregistered already
+                epoll.unregister(fd)
+            entry = self._by_fd.get(fd)
+            if entry is not None and entry.client is client and entry.active:
                 del self._by_fd[fd]
-                with contextlib.suppress(OSError):
-                    epoll.unregister(fd)
                 self._end(entry, CLIENT_GONE)
-            elif state == "idle":  # a false alarm: watch again
-                epoll.modify(fd, _EVENTS)
-            else:
-                # "data": the client sent more (a pipelined request) and is still there:
-                # watched for its end only, not woken again for the same unread bytes.
-                epoll.modify(fd, _HANGUP_EVENTS)
 
     def _expire(self, now: float) -> None:
         with self._lock:

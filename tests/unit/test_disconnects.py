@@ -200,3 +200,65 @@ def test_watching_a_socket_with_a_timeout_does_not_wait_for_it() -> None:
         assert time.monotonic() - started < 5
         unwatch()
     watcher.close()
+
+
+def _watcher_has_run(watcher: DisconnectWatcher) -> None:
+    # A fresh pair closed at once: once it is reported, the watcher has handled the events
+    # that came before it.
+    probe, probe_peer = socket.socketpair()
+    ended = Ended()
+    with probe:
+        watcher.watch(probe, ended)
+        probe_peer.close()
+        assert ended.event.wait(10)
+
+
+def test_the_next_request_on_a_connection_is_watched_too() -> None:
+    # The socket stays registered between requests (keep-alive): the second watch must
+    # still see the client leave, and the first must not be called for it.
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    first, second = Ended(), Ended()
+    with server:
+        watcher.watch(server, first)()
+        watcher.watch(server, second)
+        client.close()
+        assert second.event.wait(10)
+    assert first.reasons == [] and second.reasons == [CLIENT_GONE]
+    watcher.close()
+
+
+def test_a_client_gone_between_two_requests_is_reported_before_the_next_watch_returns() -> None:
+    watcher = DisconnectWatcher()
+    server, client = socket.socketpair()
+    first, second = Ended(), Ended()
+    with server:
+        watcher.watch(server, first)()
+        client.close()
+        _watcher_has_run(watcher)
+        watcher.watch(server, second)
+        assert second.reasons == [CLIENT_GONE]  # synchronously, on this thread
+    assert first.reasons == []
+    watcher.close()
+
+
+def test_a_new_connection_on_a_reused_fd_is_watched() -> None:
+    watcher = DisconnectWatcher()
+    old, old_peer = socket.socketpair()
+    watcher.watch(old, Ended())()
+    fd = old.fileno()
+    old.close()
+    old_peer.close()
+    pairs = [socket.socketpair() for _ in range(4)]  # one of them is likely to reuse fd
+    reused = next((pair for pair in pairs if fd in (pair[0].fileno(), pair[1].fileno())), None)
+    assert reused is not None, "the closed fd was not reused"
+    server, client = reused if reused[0].fileno() == fd else reversed(reused)
+    ended = Ended()
+    watcher.watch(server, ended)
+    client.close()
+    assert ended.event.wait(10)
+    assert ended.reasons == [CLIENT_GONE]
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+    watcher.close()
