@@ -44,6 +44,7 @@ from functools import partial
 from typing import Any
 
 from gunicorn import http, util
+from gunicorn.http.body import LengthReader
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
@@ -456,6 +457,14 @@ class GatewayThreadWorker(ThreadWorker):
 
     # -- request threads ------------------------------------------------------------------
 
+    def _keepalive_after(self, conn: GatewayConn, keepalive: bool) -> bool:
+        # gthread drains what the app left of the body before keeping the connection, and
+        # sets the socket's timeout around the drain and back (two system calls, each a
+        # GIL hand-off) even when nothing is left, as after nearly every request.
+        if keepalive and _body_read_whole(conn.parser):
+            return True
+        return bool(super()._keepalive_after(conn, keepalive))
+
     def handle_request(self, req: Any, conn: GatewayConn) -> bool:
         try:
             return bool(super().handle_request(req, conn))
@@ -468,6 +477,14 @@ class GatewayThreadWorker(ThreadWorker):
                 self.settings.client_write_timeout,
             )
             return False
+
+
+def _body_read_whole(parser: Any) -> bool:
+    """Whether the request body was read to its last byte: gthread's drain has nothing to do."""
+    body: Any = getattr(parser.mesg, "body", None)
+    if body is None or not isinstance(body.reader, LengthReader):
+        return False  # chunked, or to the end of the stream: gthread drains it
+    return body.reader.length == 0 and body.buf.tell() == 0 and not body.failed
 
 
 def _kept_alive(fs: futures.Future[Any]) -> bool:

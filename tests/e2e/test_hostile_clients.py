@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 from collections.abc import Iterator
@@ -161,3 +162,26 @@ def test_a_body_shorter_than_its_content_length_is_a_400_and_never_sent_upstream
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert b'"incomplete_body"' in answer
     assert raw_upstream.requests == []
+
+
+def test_one_connection_serves_on_after_bodies_read_whole_and_bodies_left_unread(
+    gateway: Gateway,
+) -> None:
+    # A refused key leaves its body unread (gthread drains it before the next request);
+    # an answered one was read whole (nothing to drain). Either way the connection serves
+    # the next request, and the bytes of one body are never taken for the next request.
+    host = gateway.url.removeprefix("http://")
+    connection = http.client.HTTPConnection(host, timeout=10)
+    body = orjson.dumps(body_for("y" * 20_000))
+    headers = {"Content-Type": "application/json"}
+    statuses: list[int] = []
+    for key in ("wrong-key", GATEWAY_KEY, "wrong-key", GATEWAY_KEY):
+        connection.request("POST", CHAT, body, headers | {"Authorization": f"Bearer {key}"})
+        if not statuses:
+            first_socket = connection.sock
+        answer = connection.getresponse()
+        answer.read()
+        statuses.append(answer.status)
+        assert connection.sock is first_socket, "the gateway closed the connection"
+    connection.close()
+    assert statuses == [401, 200, 401, 200]
