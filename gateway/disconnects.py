@@ -126,8 +126,9 @@ class DisconnectWatcher:
         # No lock around the epoll call: it releases the GIL, and a lock held meanwhile had
         # every other request thread queue behind it. The entry is known before its socket
         # can fire.
-        self._by_fd[entry.fd] = entry
-        self._registered[entry.fd] = weakref.ref(client)
+        with self._lock:
+            self._by_fd[entry.fd] = entry
+            self._registered[entry.fd] = weakref.ref(client)
         try:
             epoll.register(entry.fd, _EVENTS)
         except FileExistsError:  # the fd's earlier socket object, same connection
@@ -215,8 +216,13 @@ class DisconnectWatcher:
         with self._lock:
             registered = self._registered.get(fd)
             client = registered() if registered is not None else None
-            if client is not None and _peer_state(client) != "closed":
-                epoll.modify(fd, _EVENTS)  # a false alarm: watch again
+            # An event polled before its socket was closed here comes after: the socket's
+            # fileno() is then -1 (or the fd is another connection's, registered just now).
+            if client is not None and client.fileno() == fd and _peer_state(client) != "closed":
+                # A false alarm: watch again. OSError: a new connection on this fd is not in
+                # the set yet; its own registration, about to come, arms it.
+                with contextlib.suppress(OSError):
+                    epoll.modify(fd, _EVENTS)
                 return
             # Gone, during a request or between two: forgotten, so that a next watch of
             # this socket checks it at once.
