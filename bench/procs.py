@@ -54,8 +54,18 @@ class Cores:
         return f"gateway on core {self.gateway}; upstream and load generators on core {self.load}"
 
 
+# The cores this process may use before it pins itself to the load core (run.py, plateau.py).
+_EVERY_CORE = sorted(os.sched_getaffinity(0))
+
+
 def pinned(command: Sequence[str], core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core), *command] if core is not None else list(command)
+    """`command` on `core`, or on every core: a child inherits the bench's own pinning to
+    the load core, which put "unpinned" gateways (the scale-* workers) on that one core."""
+    if core is not None:
+        return ["taskset", "-c", str(core), *command]
+    if shutil.which("taskset") and sorted(os.sched_getaffinity(0)) != _EVERY_CORE:
+        return ["taskset", "-c", ",".join(map(str, _EVERY_CORE)), *command]
+    return list(command)
 
 
 def wait_for_workers(server_pid: int, workers: int, threads: int, timeout: float = 60) -> None:
