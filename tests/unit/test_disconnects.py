@@ -21,6 +21,17 @@ class Ended:
         self.event.set()
 
 
+def _watcher_has_run(watcher: DisconnectWatcher) -> None:
+    # A fresh pair closed at once: once it is reported, the watcher has handled the events
+    # that came before it.
+    probe, probe_peer = socket.socketpair()
+    ended = Ended()
+    with probe:
+        watcher.watch(probe, ended)
+        probe_peer.close()
+        assert ended.event.wait(10)
+
+
 def test_closing_the_peer_calls_back() -> None:
     watcher = DisconnectWatcher()
     server, client = socket.socketpair()
@@ -55,13 +66,7 @@ def test_no_call_back_after_unwatch_or_while_the_peer_stays() -> None:
         watcher.watch(second, lambda reason: called.append("second"))
         unwatch()
         first_peer.close()
-        # A third pair proves the watcher thread has run past the close above.
-        third, third_peer = socket.socketpair()
-        ended = Ended()
-        with third:
-            watcher.watch(third, ended)
-            third_peer.close()
-            assert ended.event.wait(10)
+        _watcher_has_run(watcher)  # past the close above
         # Read before leaving the block, which closes second_peer (a real disconnect).
         assert called == []
     watcher.close()
@@ -74,12 +79,7 @@ def test_data_from_the_client_is_not_a_disconnect() -> None:
     with server, client:
         watcher.watch(server, called.append)
         client.sendall(b"GET / HTTP/1.1\r\n")
-        probe, probe_peer = socket.socketpair()
-        ended = Ended()
-        with probe:
-            watcher.watch(probe, ended)
-            probe_peer.close()
-            assert ended.event.wait(10)
+        _watcher_has_run(watcher)  # past the bytes above
         # Asked before the client closes: the watch goes on (see the next test).
         assert called == []
     watcher.close()
@@ -200,17 +200,6 @@ def test_watching_a_socket_with_a_timeout_does_not_wait_for_it() -> None:
         assert time.monotonic() - started < 5
         unwatch()
     watcher.close()
-
-
-def _watcher_has_run(watcher: DisconnectWatcher) -> None:
-    # A fresh pair closed at once: once it is reported, the watcher has handled the events
-    # that came before it.
-    probe, probe_peer = socket.socketpair()
-    ended = Ended()
-    with probe:
-        watcher.watch(probe, ended)
-        probe_peer.close()
-        assert ended.event.wait(10)
 
 
 def test_the_next_request_on_a_connection_is_watched_too() -> None:
