@@ -185,3 +185,36 @@ def test_one_connection_serves_on_after_bodies_read_whole_and_bodies_left_unread
         assert connection.sock is first_socket, "the gateway closed the connection"
     connection.close()
     assert statuses == [401, 200, 401, 200]
+
+
+def test_a_kept_alive_client_that_leaves_during_its_next_request_stops_the_providers_work(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream
+) -> None:
+    # The connection's socket stays watched between requests: the second request on it is
+    # watched without registering again, and its client leaving must still end the
+    # provider's work (30 s of thinking), as for a first request.
+    def answer(request: RawRequest, conn: socket.socket) -> bool:
+        if marker_of(request) == "slow" and not raw_upstream.wait_closed(conn, 30):
+            conn.sendall(json_answer(b'{"late": true}'))
+        elif marker_of(request) != "slow":
+            conn.sendall(json_answer(b'{"ok": true}'))
+        return marker_of(request) != "slow"
+
+    raw_upstream.answer = answer
+    gateway = start_gateway(TARGET_API_URL=raw_upstream.url)
+    connection = http.client.HTTPConnection(gateway.url.removeprefix("http://"), timeout=10)
+    headers = {"Content-Type": "application/json"} | AUTH
+    connection.request("POST", CHAT, orjson.dumps(body_for("fast")), headers)
+    first = connection.getresponse()
+    assert (first.status, first.read()) == (200, b'{"ok": true}')
+    kept = connection.sock
+
+    connection.request("POST", CHAT, orjson.dumps(body_for("slow")), headers)
+    assert connection.sock is kept, "the second request did not reuse the connection"
+    assert wait_for(lambda: len(raw_upstream.requests) == 2)
+    connection.close()
+    left = time.monotonic()
+
+    assert wait_for(lambda: raw_upstream.closed_at, 15)
+    assert raw_upstream.closed_at[0] - left < 10  # seconds, not the provider's 30
+    assert wait_for(lambda: '"status":499' in gateway.logs())
